@@ -1,0 +1,270 @@
+"""Typed job configurations and Hydra composition.
+
+Each job (`dheads <job> ...`) has a root dataclass schema registered in
+Hydra's ConfigStore under `<job>_schema`; `configs/<job>.yaml` lists it first
+in its defaults, so a typo or a wrong type fails at compose time. `compose()`
+returns the typed object: DictConfig stops here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, List, Optional
+
+from dheads.model.config import (
+    AudioConfig,
+    DiffusionConfig,
+    ModelConfig,
+    SamplerConfig,
+)
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+class ConfigError(ValueError):
+    """A config that does not compose or does not validate."""
+
+
+class FaceDetector(str, Enum):
+    none = "none"  # frames are already face crops (like ../shared/benchmark)
+    haar = "haar"  # OpenCV 4.x Haar cascade
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+# ----------------------------------------------------------------- shared parts
+@dataclass
+class StorageConfig:
+    """Object-store access. Credentials come from the standard AWS chain."""
+    endpoint_url: Optional[str] = None  # e.g. http://127.0.0.1:5000 (moto_server)
+    region: str = "us-east-1"
+
+
+@dataclass
+class ClusterConfig:
+    # None: start (or join, if RAY_ADDRESS is set) a local Ray instance.
+    address: Optional[str] = None
+    # Job Submission API endpoint used by `dheads submit`.
+    dashboard_address: str = "http://127.0.0.1:8265"
+    num_cpus: Optional[int] = None
+
+
+@dataclass
+class DataConfig:
+    shards: str = "runs/shards"          # URI of preprocessed Parquet shards
+    face_detector: FaceDetector = FaceDetector.none
+    face_margin: float = 0.35            # extra context around a detected face box
+    min_frames: int = 8                  # shorter clips are rejected
+    max_side: int = 1024                 # decode-time downscale bound (4K input)
+    clips_per_shard: int = 16
+    shuffle_buffer: int = 2048
+    frames_per_clip_epoch: int = 16      # training tuples drawn per clip per pass
+    seed: int = 0
+
+
+@dataclass
+class TrainerConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    batch_size: int = 8                  # per worker
+    steps: int = 200
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    lr_schedule: str = "cosine"          # cosine | constant
+    grad_clip: float = 1.0
+    ema_rate: float = 0.999
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 3
+    max_failures: int = 2
+    log_every: int = 1
+    sample_every: int = 0                # 0: no val videos during training
+    sample_clips: int = 2
+    sample_steps: str = "ddim10"
+    storage_path: str = "runs"           # local path or s3:// URI
+    name: str = "dheads-train"
+    seed: int = 0
+
+
+@dataclass
+class DubConfig:
+    max_segment_s: float = 8.0
+    min_segment_s: float = 2.0
+    crossfade_frames: int = 3
+    batch_size: int = 16                 # concurrent segments per model worker
+    num_workers: int = 1
+    use_gpu: bool = False
+    identity_frame: int = 0              # which frame of an identity video
+    face_detector: FaceDetector = FaceDetector.none
+
+
+@dataclass
+class AutoscalingConfig:
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 2.0
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: Optional[str] = None          # else env DHEADS_API_TOKEN
+    allowed_uris: List[str] = field(default_factory=lambda: ["runs/"])
+    job_store: str = "runs/jobstore"
+    max_items_per_job: int = 64
+    max_audio_s: float = 120.0
+    max_upload_mb: float = 50.0
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.05
+    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
+
+
+# ------------------------------------------------------------------- job roots
+@dataclass
+class InfoJob:
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+@dataclass
+class SynthJob:
+    out: str = "runs/synth"
+    n: int = 16
+    seed: int = 0
+    image_size: int = 128
+    fps: int = 25
+    min_s: float = 2.0
+    max_s: float = 5.0
+    workers: int = 2
+
+
+@dataclass
+class PreprocessJob:
+    input: str = "runs/synth"
+    output: str = "runs/shards"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+@dataclass
+class TrainJob:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    val: Optional[str] = None            # URI of val clips for sample videos
+
+
+@dataclass
+class ExportJob:
+    run: str = "runs/dheads-train"       # Ray Train run folder (local or s3://)
+    out: str = "runs/export"
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+
+@dataclass
+class DubJob:
+    manifest: str = "runs/manifest.jsonl"
+    output: str = "runs/dubbed"
+    checkpoint: str = "runs/export"
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    dub: DubConfig = field(default_factory=DubConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    seed: int = 0
+
+
+@dataclass
+class ServeJob:
+    checkpoint: str = "runs/export"
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    dub: DubConfig = field(default_factory=DubConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    blocking: bool = True                # keep the driver alive serving
+
+
+@dataclass
+class EvalJob:
+    generated: str = "runs/dubbed"
+    reference: str = "runs/reference"
+    out: str = "runs/eval"
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+
+JOB_SCHEMAS: dict[str, type] = {
+    "info": InfoJob,
+    "synth": SynthJob,
+    "preprocess": PreprocessJob,
+    "train": TrainJob,
+    "export": ExportJob,
+    "dub": DubJob,
+    "serve": ServeJob,
+    "eval": EvalJob,
+}
+
+_registered = False
+
+
+def _register() -> None:
+    global _registered
+    if _registered:
+        return
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    for job, schema in JOB_SCHEMAS.items():
+        cs.store(name=f"{job}_schema", node=schema)
+    _registered = True
+
+
+def compose(job: str, overrides: list[str] | None = None) -> Any:
+    """Compose `configs/<job>.yaml` with `overrides` into the job's dataclass.
+
+    Raises ConfigError with Hydra's message on a typo, a wrong type or an
+    unknown group option.
+    """
+    if job not in JOB_SCHEMAS:
+        raise ConfigError(f"unknown job {job!r}; jobs: {', '.join(sorted(JOB_SCHEMAS))}")
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    _register()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            cfg = hydra_compose(config_name=job, overrides=list(overrides or []))
+        return OmegaConf.to_object(cfg)
+    except Exception as e:  # hydra/omegaconf raise several types; one message for users
+        cause = f" ({e.__cause__})" if e.__cause__ else ""
+        raise ConfigError(f"config error for `dheads {job}`: {e}{cause}") from e
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def to_yaml(cfg: Any) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+__all__ = [
+    "AudioConfig", "ModelConfig", "DiffusionConfig", "SamplerConfig",
+    "StorageConfig", "ClusterConfig", "DataConfig", "TrainerConfig", "DubConfig",
+    "ServeConfig", "AutoscalingConfig", "FaceDetector", "Device", "ConfigError",
+    "compose", "to_yaml", "JOB_SCHEMAS",
+]

@@ -1,0 +1,177 @@
+"""Storage URIs: a local path or `s3://bucket/prefix`, through pyarrow.fs.
+
+Every job takes URIs of this one kind. S3 credentials come from the standard
+AWS chain (env, ~/.aws, instance role); `StorageConfig.endpoint_url` points
+at any S3-compatible endpoint (moto_server in tests, MinIO, R2, ...).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from dheads.platform.config import StorageConfig
+
+
+class StorageError(IOError):
+    """A URI that cannot be read or written; the message says which and why."""
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def join(uri: str, *parts: str) -> str:
+    if is_s3(uri):
+        return posixpath.join(uri.rstrip("/"), *[p.strip("/") for p in parts])
+    return str(Path(uri).joinpath(*parts))
+
+
+def basename(uri: str) -> str:
+    return posixpath.basename(uri.rstrip("/")) if is_s3(uri) else Path(uri).name
+
+
+def resolve(uri: str, storage: StorageConfig | None = None) -> tuple[pafs.FileSystem, str]:
+    """URI -> (pyarrow filesystem, path inside it)."""
+    storage = storage or StorageConfig()
+    if is_s3(uri):
+        parsed = urlparse(uri)
+        kwargs: dict = {"region": storage.region}
+        if storage.endpoint_url:
+            ep = urlparse(storage.endpoint_url)
+            kwargs["endpoint_override"] = ep.netloc or storage.endpoint_url
+            kwargs["scheme"] = ep.scheme or "https"
+        # Environment credentials are picked up by the AWS SDK's default chain.
+        fs = pafs.S3FileSystem(**kwargs)
+        return fs, f"{parsed.netloc}/{parsed.path.lstrip('/')}".rstrip("/")
+    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+
+
+def to_uri(fs: pafs.FileSystem, path: str) -> str:
+    return f"s3://{path}" if isinstance(fs, pafs.S3FileSystem) else path
+
+
+def list_files(uri: str, suffixes: tuple[str, ...] = (), storage: StorageConfig | None = None,
+               recursive: bool = True) -> list[str]:
+    """Sorted URIs of the files under `uri` whose names end with one of `suffixes`."""
+    fs, path = resolve(uri, storage)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
+    except OSError as e:
+        raise StorageError(f"cannot list {uri}: {e}") from e
+    out = []
+    for info in infos:
+        if info.type != pafs.FileType.File:
+            continue
+        name = info.base_name
+        if name.startswith(".") or name.startswith("_tmp"):
+            continue
+        if suffixes and not name.lower().endswith(tuple(s.lower() for s in suffixes)):
+            continue
+        out.append(to_uri(fs, info.path))
+    return sorted(out)
+
+
+def exists(uri: str, storage: StorageConfig | None = None) -> bool:
+    fs, path = resolve(uri, storage)
+    try:
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+    except OSError as e:
+        raise StorageError(f"cannot stat {uri}: {e}") from e
+
+
+def size(uri: str, storage: StorageConfig | None = None) -> int:
+    fs, path = resolve(uri, storage)
+    return fs.get_file_info(path).size
+
+
+def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
+    fs, path = resolve(uri, storage)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except (OSError, FileNotFoundError) as e:
+        raise StorageError(f"cannot read {uri}: {e}") from e
+
+
+def write_bytes(uri: str, data: bytes, storage: StorageConfig | None = None) -> None:
+    """Write atomically: a temporary name next to the target, then a move.
+
+    Readers never see a half-written object: locally `os.replace`, on S3 the
+    temporary key is copied onto the final key (S3 objects appear whole).
+    """
+    fs, path = resolve(uri, storage)
+    parent, name = posixpath.split(path) if is_s3(uri) else os.path.split(path)
+    tmp = posixpath.join(parent, f"_tmp.{uuid.uuid4().hex}.{name}") if is_s3(uri) \
+        else os.path.join(parent, f"_tmp.{uuid.uuid4().hex}.{name}")
+    try:
+        if not is_s3(uri):
+            os.makedirs(parent, exist_ok=True)
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            fs.delete_file(tmp)
+        raise StorageError(f"cannot write {uri}: {e}") from e
+
+
+def upload_file(local_path: str | Path, uri: str, storage: StorageConfig | None = None) -> None:
+    """Copy a local file to `uri` atomically."""
+    if not is_s3(uri):
+        dst = Path(uri)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f"_tmp.{uuid.uuid4().hex}.{dst.name}")
+        shutil.copyfile(local_path, tmp)
+        os.replace(tmp, dst)
+        return
+    write_bytes(uri, Path(local_path).read_bytes(), storage)
+
+
+def delete(uri: str, storage: StorageConfig | None = None) -> None:
+    fs, path = resolve(uri, storage)
+    with contextlib.suppress(FileNotFoundError):
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.Directory:
+            fs.delete_dir(path)
+        elif info.type == pafs.FileType.File:
+            fs.delete_file(path)
+
+
+@contextlib.contextmanager
+def local_path(uri: str, storage: StorageConfig | None = None, suffix: str = "") -> Iterator[str]:
+    """A local file path holding `uri`'s bytes (downloaded for S3)."""
+    if not is_s3(uri):
+        if not os.path.exists(uri):
+            raise StorageError(f"cannot read {uri}: no such file")
+        yield uri
+        return
+    data = read_bytes(uri, storage)
+    with tempfile.NamedTemporaryFile(suffix=suffix or Path(urlparse(uri).path).suffix, delete=False) as f:
+        f.write(data)
+        name = f.name
+    try:
+        yield name
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+
+
+def s3_env(storage: StorageConfig) -> dict[str, str]:
+    """Environment for child processes (Ray workers) to reach the same endpoint."""
+    env = {}
+    if storage.endpoint_url:
+        env["AWS_ENDPOINT_URL"] = storage.endpoint_url
+        env["AWS_ENDPOINT_URL_S3"] = storage.endpoint_url
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION"):
+        if k in os.environ:
+            env[k] = os.environ[k]
+    return env
