@@ -70,7 +70,11 @@ class ModelConfig:
     # middle block always has one attention layer (the paper's choice); the
     # official training config also used [4] at 128 px (the 32x32 level).
     attention_resolutions: List[int] = field(default_factory=list)
+    # Attention heads as in guided-diffusion: num_head_channels > 0 fixes the
+    # channels per head (heads = channels // num_head_channels) and wins;
+    # num_head_channels = -1 uses num_heads. Neither changes params or FLOPs.
     num_head_channels: int = 64
+    num_heads: int = 4
     dropout: float = 0.0
     num_groups: int = 32
     audio: AudioConfig = field(default_factory=AudioConfig)
