@@ -86,3 +86,94 @@ def benchmark_dir() -> Path:
     if not (BENCHMARK / "val" / "manifest.jsonl").exists():
         pytest.skip(f"benchmark set not found at {BENCHMARK}")
     return BENCHMARK
+
+
+def make_video(path, n_frames: int = 30, fps: float = 25.0, size: tuple[int, int] = (64, 64),
+               audio_rate: int | None = 16000, channels: int = 1, video: bool = True,
+               vfr: bool = False, codec: str = "libx264", container: str | None = None):
+    """Write a small real media file with PyAV: moving-gradient frames whose
+    brightness encodes the frame index, and a tone. `vfr` jitters the frame
+    intervals (time base 1/1000). Returns the frames written `[T, H, W, 3]`."""
+    from fractions import Fraction
+
+    import av
+    import numpy as np
+
+    w, h = size
+    rate = Fraction(fps).limit_denominator(1001)
+    gx = np.broadcast_to((np.arange(w) * 255 // max(w - 1, 1)).astype(np.uint8)[None, :], (h, w))
+    gy = np.broadcast_to((np.arange(h) * 255 // max(h - 1, 1)).astype(np.uint8)[:, None], (h, w))
+    frames = None
+    if video:
+        frames = np.empty((n_frames, h, w, 3), np.uint8)
+        for i in range(n_frames):
+            frames[i, ..., 0] = gx + np.uint8(7 * i % 256)
+            frames[i, ..., 1] = gy
+            frames[i, ..., 2] = (i * 37) % 256
+    with av.open(str(path), mode="w", format=container) as out:
+        vs = None
+        if video:
+            vs = out.add_stream(codec, rate=1000 if vfr else rate)
+            vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
+            if codec == "libx264":
+                vs.options = {"preset": "ultrafast"}
+        a_s = None
+        if audio_rate:
+            a_s = out.add_stream("aac" if not str(path).endswith(".mp3") else "libmp3lame", rate=audio_rate)
+            a_s.layout = "mono" if channels == 1 else "stereo"
+        if video:
+            rng = np.random.default_rng(0)
+            t_ms = 0
+            for i in range(n_frames):
+                vf = av.VideoFrame.from_ndarray(frames[i], format="rgb24")
+                if vfr:
+                    vf.pts, vf.time_base = t_ms, Fraction(1, 1000)
+                    t_ms += int(rng.integers(20, 60))
+                else:
+                    vf.pts, vf.time_base = i, 1 / rate
+                for pkt in vs.encode(vf):
+                    out.mux(pkt)
+            for pkt in vs.encode():
+                out.mux(pkt)
+        if a_s is not None:
+            dur = n_frames / fps
+            n = int(dur * audio_rate)
+            t = np.arange(n) / audio_rate
+            pcm = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+            fs = a_s.codec_context.frame_size or 1152
+            fmt = a_s.codec_context.format.name
+            for start in range(0, n, fs):
+                chunk = pcm[start:start + fs]
+                data = np.repeat(chunk[None], channels, 0)
+                if not fmt.endswith("p"):
+                    data = data.T.reshape(1, -1)
+                if fmt.startswith("s32"):
+                    data = data * (2 ** 31 - 1)
+                elif fmt.startswith("s16"):
+                    data = data * (2 ** 15 - 1)
+                dtype = {"s32": np.int32, "s16": np.int16}.get(fmt[:3], np.float32)
+                af = av.AudioFrame.from_ndarray(np.ascontiguousarray(data.astype(dtype)), format=fmt,
+                                                layout="mono" if channels == 1 else "stereo")
+                af.sample_rate, af.pts, af.time_base = audio_rate, start, Fraction(1, audio_rate)
+                for pkt in a_s.encode(af):
+                    out.mux(pkt)
+            for pkt in a_s.encode():
+                out.mux(pkt)
+    return frames
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory) -> Path:
+    """Six `dheads synth` clips (64 px) made once per session."""
+    from dheads.jobs import synth
+    from dheads.platform.config import compose
+
+    out = tmp_path_factory.mktemp("synth")
+    synth.run(compose("synth", [f"out={out}", "n=6", "seed=3", "image_size=64", "workers=2"]))
+    return out
+
+
+@pytest.fixture(scope="session")
+def video_factory():
+    """`make_video(path, ...)` (above) for tests that build their own media files."""
+    return make_video

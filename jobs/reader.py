@@ -1,0 +1,160 @@
+"""The training reader: a streaming Ray Data dataset of training tuples over
+the shards written by `dheads preprocess` (schema in `jobs/preprocess.py`).
+
+    ds = training_dataset(shards_uri, model_cfg, data_cfg, storage_cfg)
+    for batch in iter_training_batches(ds, batch_size=8, data=data_cfg): ...
+    # Ray Train: pass `ds` as a dataset; each worker calls
+    # iter_training_batches(ray.train.get_dataset_shard("train"), ...)
+    # or split it yourself: ds.streaming_split(n, equal=True)
+
+Each clip row becomes `data.frames_per_clip_epoch` tuples (distinct target
+frames k drawn at random; all of them for shorter clips), one row each:
+
+| column | shape | dtype | meaning |
+|---|---|---|---|
+| `target` | [3, H, W] | float32 | frame k in [-1, 1] |
+| `identity` | [3, H, W] | float32 | the clip's identity frame (frame 0) in [-1, 1] |
+| `motion` | [2, H, W] | float32 | grayscale frames k−2, k−1 (identity before the start) |
+| `audio` | [2 m_y + 1, *feature_shape] | float32 | features of frames k−m_y … k+m_y, edge frames replicated |
+| `mouth_box` | [4] | float32 | x0, y0, x1, y1 of frame k, model-image pixels |
+| `frame_index` | [] | int64 | k |
+
+The motion and audio-window math is the model's own (`dheads.model.video`:
+`motion_frames`, `audio_windows`), shared with the sampler loop.
+
+Shuffling is two-level: shard files are read in random order
+(`read_parquet(shuffle="files")`), and `iter_training_batches` draws from a
+local shuffle buffer of `data.shuffle_buffer` tuples (`global_shuffle=True`
+adds a full `random_shuffle`, an all-to-all that materialises the epoch).
+"""
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from dheads.platform import storage
+from dheads.platform.config import DataConfig, ModelConfig, StorageConfig
+
+TENSOR_COLUMNS = ("target", "identity", "motion", "audio", "mouth_box", "frame_index")
+_READ_COLUMNS = ["clip_id", "n_frames", "frames", "audio_features", "audio_features_shape",
+                 "mouth_boxes"]
+
+
+def shard_uris(shards_uri: str, storage_cfg: StorageConfig | None = None) -> list[str]:
+    """Complete shards under `shards_uri` (temp names of a running/killed job never match)."""
+    from dheads.jobs.preprocess import shard_uris as _shard_uris
+
+    uris = _shard_uris(shards_uri, storage_cfg or StorageConfig())
+    if not uris:
+        raise FileNotFoundError(f"no shard-*.parquet under {shards_uri}; run `dheads preprocess` first")
+    return uris
+
+
+def _unit(frames: np.ndarray) -> np.ndarray:
+    """`[..., H, W, 3]` uint8 -> `[..., 3, H, W]` float32 in [-1, 1]."""
+    return np.moveaxis(frames, -1, -3).astype(np.float32) / 127.5 - 1.0
+
+
+def _features(row: dict) -> np.ndarray:
+    shape = [int(s) for s in row["audio_features_shape"]]
+    return np.frombuffer(row["audio_features"], "<f2").reshape(shape).astype(np.float32)
+
+
+def clip_tuples(row: dict, context: int, count: int, seed: int, epoch: int = 0) -> list[dict]:
+    """One shard row (a clip) -> `count` training tuples (see the module table)."""
+    import torch
+
+    from dheads.jobs.preprocess import decode_frames
+    from dheads.model.video import audio_windows, motion_frames
+
+    n = int(row["n_frames"])
+    clip_id = str(row["clip_id"])
+    rng = np.random.default_rng([seed, epoch, zlib.crc32(clip_id.encode())])
+    ks = np.sort(rng.choice(n, size=min(count, n), replace=False))
+    blobs = row["frames"]
+    needed = sorted({0} | {int(j) for k in ks for j in (k - 2, k - 1, k) if j >= 0})
+    decoded = dict(zip(needed, decode_frames([blobs[j] for j in needed])))
+    identity = torch.from_numpy(_unit(decoded[0]))
+    feats = torch.from_numpy(_features(row))
+    boxes = np.asarray([np.asarray(b, np.float32) for b in row["mouth_boxes"]], np.float32)
+    out = []
+    for k in ks:
+        k = int(k)
+        prev = [torch.from_numpy(_unit(decoded[j])) if j >= 0 else identity for j in (k - 2, k - 1)]
+        out.append({
+            "target": _unit(decoded[k]),
+            "identity": identity.numpy(),
+            "motion": motion_frames(prev[0], prev[1]).numpy(),
+            "audio": audio_windows(feats, k, context).numpy(),
+            "mouth_box": boxes[k],
+            "frame_index": np.int64(k),
+        })
+    return out
+
+
+def training_dataset(shards_uri: str, model_cfg: ModelConfig, data_cfg: DataConfig,
+                     storage_cfg: StorageConfig | None = None, epoch: int = 0,
+                     global_shuffle: bool = False):
+    """Streaming `ray.data.Dataset` of training tuples (one row per tuple).
+
+    `epoch` reseeds which target frames each clip contributes. Ready for
+    `iter_torch_batches` and `streaming_split(n)`.
+    """
+    import ray
+
+    storage_cfg = storage_cfg or StorageConfig()
+    uris = shard_uris(shards_uri, storage_cfg)
+    fs, _ = storage.resolve(uris[0], storage_cfg)
+    paths = [storage.resolve(u, storage_cfg)[1] for u in uris]
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=_READ_COLUMNS, shuffle="files")
+    ds = ds.flat_map(clip_tuples, fn_kwargs=dict(context=model_cfg.audio.context,
+                                                 count=data_cfg.frames_per_clip_epoch,
+                                                 seed=data_cfg.seed, epoch=epoch))
+    if global_shuffle:
+        ds = ds.random_shuffle(seed=data_cfg.seed + epoch)
+    return ds
+
+
+def iter_training_batches(ds, batch_size: int, data: DataConfig, device: str = "cpu",
+                          drop_last: bool = True):
+    """Torch batches `{target [B,3,H,W], identity, motion [B,2,H,W], audio [B,W,*feat],
+    mouth_box [B,4], frame_index [B]}` from a dataset or a `streaming_split` piece,
+    through a local shuffle buffer of `data.shuffle_buffer` tuples."""
+    buffer = data.shuffle_buffer if data.shuffle_buffer > 0 else None
+    kwargs = dict(batch_size=batch_size, drop_last=drop_last, device=device,
+                  local_shuffle_buffer_size=buffer,
+                  local_shuffle_seed=data.seed if buffer else None)
+    yield from ds.iter_torch_batches(**kwargs)
+
+
+def load_clip_rows(shards_uri: str, storage_cfg: StorageConfig | None = None,
+                   clip_ids: list[str] | None = None, limit: int | None = None) -> list[dict]:
+    """Whole clips from the shards, without Ray (val sampling, inspection).
+
+    Each: `clip_id`, `identity`, `source_uri`, `frames [T, H, W, 3]` uint8,
+    `audio_features [T, *feat]` float32, `audio [T*640]` float32 16 kHz,
+    `mouth_boxes [T, 4]` float32, `fps`. Order: shard order, then row order.
+    """
+    from dheads.jobs.preprocess import decode_frames
+
+    storage_cfg = storage_cfg or StorageConfig()
+    wanted = set(clip_ids) if clip_ids is not None else None
+    out: list[dict] = []
+    for uri in shard_uris(shards_uri, storage_cfg):
+        fs, path = storage.resolve(uri, storage_cfg)
+        table = pq.read_table(path, filesystem=fs)
+        for row in table.to_pylist():
+            if wanted is not None and row["clip_id"] not in wanted:
+                continue
+            out.append({
+                "clip_id": row["clip_id"], "identity": row["identity"], "source_uri": row["source_uri"],
+                "fps": row["fps"], "frames": decode_frames(row["frames"]),
+                "audio_features": _features(row),
+                "audio": np.frombuffer(row["audio_pcm16"], "<i2").astype(np.float32) / 32767.0,
+                "mouth_boxes": np.asarray(row["mouth_boxes"], np.float32),
+            })
+            if limit is not None and len(out) >= limit:
+                return out
+    return out

@@ -1,0 +1,96 @@
+"""The training reader yields the tuples the model trains on: motion frames
+are the true previous frames in grayscale, audio windows are edge-padded."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from dheads.jobs import preprocess as pp
+from dheads.jobs.reader import iter_training_batches, load_clip_rows, training_dataset
+from dheads.model.audio import feature_shape
+from dheads.platform.config import compose
+
+GRAY = np.array([0.299, 0.587, 0.114], np.float32)
+
+
+@pytest.fixture(scope="module")
+def shards(ray_session, synth_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards")
+    cfg = compose("preprocess", [f"input={synth_dir}", f"output={out}", "data.workers=2",
+                                 "data.clips_per_shard=3"])
+    assert pp.preprocess(cfg, progress=False).ok == 6
+    return str(out), cfg
+
+
+def _unit(frames_uint8: np.ndarray) -> np.ndarray:
+    return np.moveaxis(frames_uint8, -1, -3).astype(np.float32) / 127.5 - 1.0
+
+
+def test_tuples_are_true_frames_motion_and_audio_windows(shards):
+    out, cfg = shards
+    data = compose("train", ["data.frames_per_clip_epoch=5", "data.shuffle_buffer=16"]).data
+    clips = load_clip_rows(out)
+    assert len(clips) == 6
+    ds = training_dataset(out, cfg.model, data)
+    m = cfg.model.audio.context
+    size = cfg.model.image_size
+    n = 0
+    for batch in iter_training_batches(ds, batch_size=4, data=data, drop_last=False):
+        b = batch["target"].shape[0]
+        assert batch["target"].shape == (b, 3, size, size) and batch["target"].dtype == torch.float32
+        assert batch["motion"].shape == (b, 2, size, size)
+        assert batch["audio"].shape == (b, 2 * m + 1, *feature_shape(cfg.model.audio))
+        for i in range(b):
+            ident = batch["identity"][i].numpy()
+            clip = next(c for c in clips if np.allclose(_unit(c["frames"][0]), ident))
+            k = int(batch["frame_index"][i])
+            frames = _unit(clip["frames"])
+            np.testing.assert_allclose(batch["target"][i].numpy(), frames[k], atol=1e-6)
+            for ch, j in enumerate((k - 2, k - 1)):
+                prev = frames[j] if j >= 0 else ident          # identity before the start
+                gray = np.tensordot(GRAY, prev, axes=1)
+                np.testing.assert_allclose(batch["motion"][i, ch].numpy(), gray, atol=1e-5)
+            idx = np.clip(np.arange(k - m, k + m + 1), 0, len(frames) - 1)
+            np.testing.assert_allclose(batch["audio"][i].numpy(),
+                                       clip["audio_features"][idx], atol=1e-6)
+            np.testing.assert_allclose(batch["mouth_box"][i].numpy(), clip["mouth_boxes"][k])
+        n += b
+    assert n == 6 * 5
+    assert batch["target"].min() >= -1 and batch["target"].max() <= 1
+
+
+def test_first_frames_pad_motion_with_identity(shards):
+    from dheads.jobs.reader import clip_tuples
+
+    out, cfg = shards
+    import pyarrow.parquet as pq
+
+    row = pq.read_table(pp.shard_uris(out, cfg.storage)[0]).to_pylist()[0]
+    tuples = {t["frame_index"]: t for t in clip_tuples(row, 2, row["n_frames"], seed=0)}
+    ident_gray = np.tensordot(GRAY, tuples[0]["identity"], axes=1)
+    np.testing.assert_allclose(tuples[0]["motion"][0], ident_gray, atol=1e-5)
+    np.testing.assert_allclose(tuples[0]["motion"][1], ident_gray, atol=1e-5)
+    np.testing.assert_allclose(tuples[1]["motion"][0], ident_gray, atol=1e-5)
+    np.testing.assert_allclose(tuples[1]["motion"][1], np.tensordot(GRAY, tuples[0]["target"], axes=1),
+                               atol=1e-5)
+    feats = tuples[0]["audio"]
+    np.testing.assert_allclose(feats[0], feats[2])                  # k-2, k-1 clamp to frame 0
+
+
+def test_streaming_split_feeds_two_workers(shards):
+    out, cfg = shards
+    data = compose("train", ["data.frames_per_clip_epoch=4", "data.shuffle_buffer=0"]).data
+    parts = training_dataset(out, cfg.model, data).streaming_split(2, equal=True)
+    counts = [0, 0]
+
+    def consume(i):
+        for batch in iter_training_batches(parts[i], batch_size=2, data=data):
+            counts[i] += batch["target"].shape[0]
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(2)]
+    [t.start() for t in threads]
+    [t.join(timeout=120) for t in threads]
+    assert counts[0] == counts[1] and sum(counts) == 24
