@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 test: install
+	@bash scripts/install_chromium.sh   # the HTML report is checked in headless Chromium
 	$(BIN)/python -m pytest tests -q
 
 demo: install

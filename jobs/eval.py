@@ -1,0 +1,25 @@
+"""`dheads eval generated=URI reference=URI out=URI`: score generated clips
+against references (matched by file stem), write `out/metrics.json` and the
+HTML report `out/index.html`, and print one JSON line of the averages.
+
+Metric definitions: jobs/evaluation/report.py (METHODS), also in the report.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from dheads.jobs.evaluation import EvalError, evaluate
+from dheads.platform.config import EvalJob
+from dheads.platform.storage import StorageError
+
+
+def run(cfg: EvalJob) -> int:
+    try:
+        averages = evaluate(cfg.generated, cfg.reference, cfg.out, cfg.storage,
+                            fps=cfg.fps, max_lag=cfg.max_lag, report=cfg.report)
+    except (EvalError, StorageError) as e:
+        print(f"dheads eval: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(averages), flush=True)
+    return 0

@@ -1,0 +1,194 @@
+"""`evaluate(generated, reference, out)`: match clips by file stem, score each
+pair, write `metrics.json` and the HTML report under `out`, return the averages.
+
+`generated` and `reference` are folders or S3 prefixes of mp4s. A reference
+clip `<stem>.mp4` may have the benchmark's ground truth `<stem>.json` next to
+it. `out` is a folder or S3 prefix; the report is built locally and uploaded.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dheads.jobs.evaluation.report import write_report
+from dheads.jobs.evaluation.scoring import ClipScore, GroundTruth, score_clip
+from dheads.platform import storage as store
+from dheads.platform.config import StorageConfig
+from dheads.platform.media import MediaError, read_video
+
+UNAVAILABLE = {
+    "FID": "not available offline: needs pretrained Inception-v3 weights",
+    "FVD": "not available offline: needs pretrained I3D weights",
+    "LPIPS": "not available offline: needs pretrained AlexNet/VGG weights",
+    "SyncNet": "not available offline: needs pretrained SyncNet weights (confidence and offset)",
+}
+
+# Per-clip metrics averaged over clips (clips where a value is undefined are skipped).
+MEAN_KEYS = ("sync_r", "sync_r_best", "sync_lag", "mouth_measure_r", "psnr", "ssim", "psnr_upper",
+             "ssim_upper", "flow_gen", "flow_ref", "flow_ratio", "fmse", "fmse_ref",
+             "drift_first_db", "drift_last_db", "drift_db", "drift_ref_db")
+
+
+class EvalError(ValueError):
+    """Inputs that cannot be evaluated (nothing to match, unreadable clip)."""
+
+
+@dataclass
+class ClipPair:
+    stem: str
+    generated: str   # URI
+    reference: str   # URI
+    truth: str | None  # URI of the ground-truth JSON
+
+
+def match_clips(generated: str, reference: str, cfg: StorageConfig) -> tuple[list[ClipPair], dict]:
+    """Pairs of mp4s with the same stem; also the stems found on one side only."""
+    def by_stem(uri):
+        files = store.list_files(uri, (".mp4",), cfg)
+        out = {}
+        for f in files:
+            stem = Path(store.basename(f)).stem
+            if stem in out:
+                raise EvalError(f"two clips named {stem!r} under {uri}: {out[stem]}, {f}")
+            out[stem] = f
+        return out
+
+    gen, ref = by_stem(generated), by_stem(reference)
+    jsons = {Path(store.basename(f)).stem: f for f in store.list_files(reference, (".json",), cfg)}
+    pairs = [ClipPair(s, gen[s], ref[s], jsons.get(s)) for s in sorted(gen.keys() & ref.keys())]
+    unmatched = {"generated_only": sorted(gen.keys() - ref.keys()),
+                 "reference_only": sorted(ref.keys() - gen.keys())}
+    if not pairs:
+        raise EvalError(f"no clip stems in common between {generated} ({len(gen)} mp4s) "
+                        f"and {reference} ({len(ref)} mp4s)")
+    return pairs, unmatched
+
+
+def _read(uri: str, cfg: StorageConfig, fps: float, keep_copy: Path | None) -> np.ndarray:
+    with store.local_path(uri, cfg, suffix=".mp4") as path:
+        if keep_copy is not None:
+            keep_copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, keep_copy)
+        return read_video(path, fps=fps, require_audio=False).frames
+
+
+def average(scores: dict[str, ClipScore]) -> dict:
+    """Clip means of MEAN_KEYS; blink rates pooled over all clips (total blinks
+    ÷ total seconds), so clips whose reference never blinks still count."""
+    ms = [s.metrics for s in scores.values()]
+    out: dict = {}
+    for k in MEAN_KEYS:
+        vals = [m[k] for m in ms if m.get(k) is not None and math.isfinite(m[k])]
+        out[k] = float(np.mean(vals)) if vals else None
+    seconds = sum(m["duration_s"] for m in ms)
+    out["blink_rate_gen"] = sum(m["blinks_gen"] for m in ms) / seconds
+    out["blink_rate_ref"] = sum(m["blinks_ref"] for m in ms) / seconds
+    out["blink_rate_ratio"] = (out["blink_rate_gen"] / out["blink_rate_ref"]) if out["blink_rate_ref"] > 0 else None
+    out["sync_static_clips"] = sum(bool(m["sync_static"]) for m in ms)
+    out["resized_clips"] = sum(bool(m["resized"]) for m in ms)
+    out["frames"] = sum(m["frames"] for m in ms)
+    out["clips"] = len(ms)
+    return out
+
+
+def evaluate(generated_uri: str, reference_uri: str, out_uri: str,
+             storage: StorageConfig | None = None, *, fps: float = 25.0, max_lag: int = 5,
+             report: bool = True) -> dict:
+    """Score every generated clip against the reference clip of the same stem.
+
+    Writes `out/metrics.json` ({"averages", "clips", "unavailable", ...}) and,
+    with `report`, `out/index.html` + `out/img/*.png` (+ `out/videos/` copies
+    of clips that are not local files). Returns the averages.
+    """
+    cfg = storage or StorageConfig()
+    pairs, unmatched = match_clips(generated_uri, reference_uri, cfg)
+    print(f"[eval] {len(pairs)} clips matched; without a partner (skipped, listed in metrics.json): "
+          f"{len(unmatched['generated_only'])} generated, {len(unmatched['reference_only'])} reference",
+          file=sys.stderr)
+    out_local = not store.is_s3(out_uri)
+    work = Path(out_uri) if out_local else Path(tempfile.mkdtemp(prefix="dheads-eval-"))
+    work.mkdir(parents=True, exist_ok=True)
+    scores: dict[str, ClipScore] = {}
+    strips: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    videos: dict[str, dict[str, str]] = {}
+    failed: dict[str, str] = {}  # stem -> why it could not be scored
+    try:
+        for i, pair in enumerate(pairs):
+            try:
+                score, videos[pair.stem], strip = _score_pair(pair, work, out_local, cfg, fps, max_lag, report)
+            except MediaError as e:
+                failed[pair.stem] = str(e)
+                print(f"[eval] {i + 1}/{len(pairs)} {pair.stem}: skipped, {e}", file=sys.stderr)
+                continue
+            scores[pair.stem], strips[pair.stem] = score, strip
+            m = score.metrics
+            print(f"[eval] {i + 1}/{len(pairs)} {pair.stem}: sync_r={_fmt(m['sync_r'])} lag={m['sync_lag']} "
+                  f"psnr_upper={m['psnr_upper']:.2f} ssim_upper={m['ssim_upper']:.3f}", file=sys.stderr)
+        if not scores:
+            raise EvalError(f"no clip could be scored: {failed}")
+        averages = average(scores)
+        averages["failed_clips"] = len(failed)
+        doc = {
+            "averages": averages,
+            "clips": {k: s.metrics for k, s in scores.items()},
+            "unavailable": UNAVAILABLE,
+            "unmatched": unmatched,
+            "failed": failed,
+            "generated": generated_uri, "reference": reference_uri,
+        }
+        (work / "metrics.json").write_text(json.dumps(doc, indent=2))
+        if report:
+            write_report(work, doc, scores, strips, videos)
+        if not out_local:
+            for f in sorted(work.rglob("*")):
+                if f.is_file():
+                    store.upload_file(f, store.join(out_uri, f.relative_to(work).as_posix()), cfg)
+    finally:
+        if not out_local:
+            shutil.rmtree(work, ignore_errors=True)
+    return averages
+
+
+def _score_pair(pair: ClipPair, work: Path, out_local: bool, cfg: StorageConfig, fps: float,
+                max_lag: int, report: bool) -> tuple[ClipScore, dict, tuple | None]:
+    """Read and score one pair; also the report's links to its mp4s (relative:
+    local sources are linked in place, others copied under `work/videos/`)."""
+    links, arrays = {}, []
+    for side, uri in (("generated", pair.generated), ("reference", pair.reference)):
+        copy = None
+        if report and (store.is_s3(uri) or not out_local):
+            copy = work / "videos" / side / f"{pair.stem}.mp4"
+            links[side] = f"videos/{side}/{pair.stem}.mp4"
+        else:
+            links[side] = os.path.relpath(os.path.abspath(uri), work.resolve())
+        try:
+            arrays.append(_read(uri, cfg, fps, copy))
+        except MediaError as e:
+            raise MediaError(e.stage, f"{side} clip {uri}: {e.reason}") from e
+    gen, ref = arrays
+    truth = GroundTruth.from_json(json.loads(store.read_bytes(pair.truth, cfg))) if pair.truth else None
+    score = score_clip(gen, ref, fps=fps, truth=truth, max_lag=max_lag)
+    # keep only what the report draws, not whole clips
+    return score, links, (_report_frames(gen, ref, score) if report else None)
+
+
+def _report_frames(gen: np.ndarray, ref: np.ndarray, s: ClipScore) -> tuple[np.ndarray, np.ndarray]:
+    """The identity frame and a few time points of both clips, for the frame strip."""
+    from dheads.jobs.evaluation.metrics import match_frames
+
+    g, r = match_frames(gen, ref)
+    idx = np.unique(np.round(np.linspace(0.125, 0.875, 4) * (len(r) - 1)).astype(int))
+    s.series["strip_index"] = idx
+    return np.concatenate([r[:1], g[idx]]), np.concatenate([r[:1], r[idx]])
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
