@@ -62,6 +62,8 @@ class DataConfig:
     min_frames: int = 8                  # shorter clips are rejected
     max_side: int = 1024                 # decode-time downscale bound (4K input)
     clips_per_shard: int = 16
+    workers: int = 0                     # preprocess actors; 0: one per CPU of the cluster
+    jpeg_quality: int = 95               # shard frame codec (see jobs/preprocess.py)
     shuffle_buffer: int = 2048
     frames_per_clip_epoch: int = 16      # training tuples drawn per clip per pass
     seed: int = 0
@@ -83,6 +85,9 @@ class TrainerConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
     max_failures: int = 2
+    # Steps between ray.train.report calls (the CSV and Prometheus get every
+    # step). Ray Train's controller consumes one report per poll (2 s): a
+    # report per sub-second step blocks the step until the next poll.
     log_every: int = 1
     sample_every: int = 0                # 0: no val videos during training
     sample_clips: int = 2
@@ -90,6 +95,14 @@ class TrainerConfig:
     storage_path: str = "runs"           # local path or s3:// URI
     name: str = "dheads-train"
     seed: int = 0
+    # End this invocation after this step (a checkpoint is written there);
+    # rerunning the same command goes on. 0: run to `steps`. For time-boxed
+    # (spot / queue-window) jobs.
+    stop_at_step: int = 0
+    sample_frames: int = 8               # frames per val clip in the sample videos
+    export_at_end: bool = True           # EMA weights -> <run>/export when `steps` is reached
+    metrics_port: Optional[int] = None   # rank 0 serves Prometheus /metrics here (0: any free port)
+    pushgateway: Optional[str] = None    # host:port of a Prometheus Pushgateway
 
 
 @dataclass
@@ -102,6 +115,11 @@ class DubConfig:
     use_gpu: bool = False
     identity_frame: int = 0              # which frame of an identity video
     face_detector: FaceDetector = FaceDetector.none
+    face_margin: float = 0.35            # as in preprocessing (DataConfig.face_margin)
+    cpus_per_worker: float = 1.0         # Ray resources of one model worker
+    num_threads: int = 0                 # torch intra-op threads per worker; 0: torch default
+    prepare_concurrency: int = 2         # Ray Data tasks decoding items / encoding outputs
+    max_audio_s: float = 600.0           # longer audio fails the item with a reason
 
 
 @dataclass
@@ -121,8 +139,11 @@ class ServeConfig:
     max_items_per_job: int = 64
     max_audio_s: float = 120.0
     max_upload_mb: float = 50.0
-    max_batch_size: int = 16
+    output_dir: str = "runs/dubbed"      # default output prefix for uploads / items without one
+    max_batch_size: int = 16             # @serve.batch admission batch
     batch_wait_timeout_s: float = 0.05
+    item_concurrency: int = 8            # items of all jobs prepared/stitched at once by the ingress
+    segment_retries: int = 3             # re-sends of a segment whose replica died
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
 
 
@@ -198,9 +219,12 @@ class ServeJob:
 
 @dataclass
 class EvalJob:
-    generated: str = "runs/dubbed"
-    reference: str = "runs/reference"
-    out: str = "runs/eval"
+    generated: str = "runs/dubbed"       # folder / s3 prefix of mp4s, matched by file stem
+    reference: str = "runs/reference"    # same stems; optional <stem>.json ground truth
+    out: str = "runs/eval"               # metrics.json + index.html + img/ (local or s3://)
+    fps: float = 25.0                    # both clips are decoded at this rate
+    max_lag: int = 5                     # sync lag search range, frames (±)
+    report: bool = True                  # write the HTML report next to metrics.json
     storage: StorageConfig = field(default_factory=StorageConfig)
 
 
