@@ -1,0 +1,271 @@
+"""The dubbing service over HTTP: real Ray Serve, moto S3 on 127.0.0.1, real mp4s.
+
+One app for the module (tiny random checkpoint at 16 px, DDIM 2 steps,
+4 s segments so the 20 s item fans out); the configs are the real ones,
+composed with Hydra and shrunk.
+"""
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import requests
+
+from dheads.platform import storage
+from dheads.platform.config import ServeJob, compose
+from dheads.platform.media import probe, write_video
+from dheads.serve.demo import face_image, speech, tiny_checkpoint, write_audio
+from dheads.serve.jobstore import JobStore
+
+TOKEN = "test-token-" + uuid.uuid4().hex
+
+
+@dataclass
+class Service:
+    url: str
+    cfg: ServeJob
+    bucket: str
+    inputs: dict
+
+    def post(self, json=None, token=TOKEN, **kw):
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return requests.post(f"{self.url}/v1/jobs", json=json, headers=headers, timeout=60, **kw)
+
+    def get(self, path: str, token=TOKEN):
+        return requests.get(f"{self.url}{path}", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+
+    def wait(self, job_id: str, timeout: float = 240.0, until=None) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            r = self.get(f"/v1/jobs/{job_id}")
+            if r.status_code == 200:
+                job = r.json()
+                if (until or (lambda j: j["status"] in ("succeeded", "failed", "cancelled")))(job):
+                    return job
+            time.sleep(0.3)
+        raise AssertionError(f"job {job_id} not done in {timeout} s: {r.status_code} {r.text}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _mp4_with_audio(path, seconds: float, seed: int) -> None:
+    n = int(seconds * 25)
+    frames = np.repeat(face_image(seed, 32)[None], n, 0)
+    write_video(path, frames, audio=speech(seconds, seed=seed))
+
+
+@pytest.fixture(scope="module")
+def service(ray_session, s3_server, tmp_path_factory):
+    import boto3
+    from ray import serve
+    from PIL import Image
+
+    from dheads.serve import app
+
+    bucket = f"dub-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=bucket)
+    tmp = tmp_path_factory.mktemp("serve")
+    ckpt = tiny_checkpoint(tmp / "ckpt")
+    Image.fromarray(face_image(1)).save(tmp / "id.png")
+    write_video(tmp / "id.mp4", np.stack([face_image(i % 3 + 2) for i in range(8)]))  # no audio
+    write_audio(tmp / "a20.wav", speech(20.0, seed=20))
+    write_audio(tmp / "a2.flac", speech(2.0, seed=2))
+    write_audio(tmp / "a15.m4a", speech(1.5, seed=15))
+    _mp4_with_audio(tmp / "v12.mp4", 1.2, seed=12)
+    write_audio(tmp / "a40.wav", speech(40.0, seed=40))
+    for i in range(4):
+        write_audio(tmp / f"s{i}.wav", speech(6.0, seed=100 + i))
+    (tmp / "bad.wav").write_bytes(b"RIFF\x00\x00garbage, not audio" * 10)
+    endpoint = dict(endpoint_url=s3_server)
+    from dheads.platform.config import StorageConfig
+
+    st = StorageConfig(**endpoint)
+    inputs = {p.name: storage.join(f"s3://{bucket}/in", p.name) for p in tmp.iterdir() if p.is_file()}
+    for p in tmp.iterdir():
+        if p.is_file():
+            storage.upload_file(p, inputs[p.name], st)
+    port = _free_port()
+    cfg = compose("serve", [
+        f"checkpoint={ckpt}", "sampler.steps=ddim2", f"storage.endpoint_url={s3_server}",
+        f"serve.port={port}", f"serve.token={TOKEN}", "blocking=false",
+        f'serve.allowed_uris=["s3://{bucket}/in","s3://{bucket}/out"]',
+        f"serve.job_store=s3://{bucket}/jobstore", f"serve.output_dir=s3://{bucket}/out",
+        "serve.max_items_per_job=8", "serve.max_audio_s=30", "serve.max_upload_mb=1",
+        "dub.batch_size=8", "dub.num_threads=1", "dub.max_segment_s=4", "dub.min_segment_s=1",
+        "serve.autoscaling.min_replicas=1", "serve.autoscaling.max_replicas=2"])
+    app.run(cfg)
+    yield Service(f"http://127.0.0.1:{port}", cfg, bucket, inputs)
+    serve.delete(app.APP_NAME)
+    serve.shutdown()
+
+
+def _item(svc: Service, identity: str, audio: str, **kw) -> dict:
+    return {"identity": svc.inputs[identity], "audio": svc.inputs[audio], **kw}
+
+
+def _metric(text: str, name: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith(name) and not line.startswith("#"))
+
+
+def _check_mp4(svc: Service, uri: str, seconds: float) -> None:
+    with storage.local_path(uri, svc.cfg.storage) as path:
+        info = probe(path)
+    assert info["video"]["codec"] == "h264" and info["audio"]["codec"] == "aac"
+    assert abs(info["video"]["frames"] / 25 - seconds) <= 1 / 25 + 1e-6, (uri, info)
+    assert abs(info["audio"]["duration_s"] - seconds) <= 1 / 25 + 1e-6, (uri, info)
+
+
+def _outputs(svc: Service, job_id: str) -> list[str]:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=svc.cfg.storage.endpoint_url, region_name="us-east-1")
+    listed = s3.list_objects_v2(Bucket=svc.bucket, Prefix=f"out/{job_id}/").get("Contents", [])
+    return sorted(o["Key"] for o in listed if not o["Key"].endswith("/"))  # pyarrow dir markers
+
+
+def test_auth_allow_list_and_limits(service):
+    svc = service
+    ok = [_item(svc, "id.png", "a2.flac")]
+    assert svc.post({"items": ok}, token=None).status_code == 401
+    assert svc.post({"items": ok}, token="wrong").status_code == 401
+    assert svc.get("/v1/jobs/" + "0" * 32, token="wrong").status_code == 401
+    outside = [{"identity": svc.inputs["id.png"], "audio": "s3://other-bucket/in/a.wav"}]
+    r = svc.post({"items": outside})
+    assert r.status_code == 403 and "outside" in r.json()["detail"]
+    sneaky = [{"identity": svc.inputs["id.png"], "audio": f"s3://{svc.bucket}/in/../jobstore/x.wav"}]
+    assert svc.post({"items": sneaky}).status_code == 403
+    assert svc.post({"items": [_item(svc, "id.png", "a2.flac", output="/etc/passwd")]}).status_code == 403
+    r = svc.post({"items": ok * 9})
+    assert r.status_code == 413 and "limit" in r.json()["detail"]
+    r = svc.post({"items": [_item(svc, "id.png", "a40.wav")]})
+    assert r.status_code == 422 and "over the limit" in r.json()["detail"]
+    assert svc.post({"items": []}).status_code == 422
+    files = {"identity": ("id.png", b"\x89PNG" + b"0" * (2 * 1024 * 1024)), "audio": ("a.wav", b"x")}
+    assert svc.post(token=TOKEN, files=files).status_code == 413
+    assert requests.get(f"{svc.url}/healthz", timeout=10).json()["status"] == "ok"
+    assert "/v1/jobs" in requests.get(f"{svc.url}/openapi.json", timeout=10).json()["paths"]
+
+
+def test_job_fans_out_completes_and_reports_the_corrupt_item(service):
+    svc = service
+    before = requests.get(f"{svc.url}/metrics", timeout=10).text
+    items = [_item(svc, "id.png", "a20.wav", item_id="long"),
+             _item(svc, "id.png", "a2.flac", item_id="flac"),
+             _item(svc, "id.mp4", "a15.m4a", item_id="m4a", identity_frame=3),
+             _item(svc, "id.png", "v12.mp4", item_id="video-audio"),
+             _item(svc, "id.png", "bad.wav", item_id="corrupt")]
+    r = svc.post({"items": items})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    job = svc.wait(job_id)
+    assert job["status"] == "failed"                      # finished, one item failed
+    by_id = {i["item_id"]: i for i in job["items"]}
+    assert by_id["long"]["segments_total"] >= 5            # 20 s in ≤ 4 s segments
+    assert by_id["corrupt"]["status"] == "failed" and "audio" in by_id["corrupt"]["reason"]
+    results = {x["item_id"]: x for x in svc.get(f"/v1/jobs/{job_id}/results").json()["results"]}
+    expected = {"long": 20.0, "flac": 2.0, "m4a": 1.5, "video-audio": 1.2}
+    for item_id, seconds in expected.items():
+        assert results[item_id]["status"] == "succeeded", results[item_id]
+        _check_mp4(svc, results[item_id]["output"], seconds)
+    assert results["corrupt"]["output"] is None
+    assert _outputs(svc, job_id) == sorted(f"out/{job_id}/{i}.mp4" for i in expected)
+    after = requests.get(f"{svc.url}/metrics", timeout=10).text
+    for name, delta in [("dheads_jobs_submitted_total", 1), ("dheads_jobs_failed_total", 1),
+                        ("dheads_segments_generated_total", 8), ("dheads_frames_generated_total", 500),
+                        ('dheads_items_total{status="failed"}', 1),
+                        ('dheads_items_total{status="succeeded"}', 4),
+                        ("dheads_batch_size_count", 1), ("dheads_segment_latency_seconds_count", 8)]:
+        assert _metric(after, name) - _metric(before, name) >= delta, name
+    assert "dheads_queue_depth" in after
+
+
+def test_multipart_upload_and_cancel(service, tmp_path):
+    svc = service
+    write_audio(tmp_path / "up.wav", speech(1.0, seed=7))
+    from PIL import Image
+
+    Image.fromarray(face_image(7)).save(tmp_path / "up.png")
+    files = {"identity": ("up.png", (tmp_path / "up.png").read_bytes()),
+             "audio": ("up.wav", (tmp_path / "up.wav").read_bytes())}
+    r = svc.post(files=files, data={"item_id": "upload"})
+    assert r.status_code == 202, r.text
+    job = svc.wait(r.json()["job_id"])
+    assert job["status"] == "succeeded", job
+    out = svc.get(f"/v1/jobs/{job['job_id']}/results").json()["results"][0]["output"]
+    _check_mp4(svc, out, 1.0)
+    r = svc.post({"items": [_item(svc, "id.png", f"s{i}.wav") for i in range(4)]})
+    job_id = r.json()["job_id"]
+    assert requests.delete(f"{svc.url}/v1/jobs/{job_id}", timeout=10,
+                           headers={"Authorization": f"Bearer {TOKEN}"}).json()["status"] == "cancelled"
+    job = svc.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "cancelled" and all(i["status"] == "cancelled" for i in job["items"])
+
+
+
+def test_killing_generator_replicas_mid_job_completes_every_item_once(service):
+    import ray
+
+    svc = service
+    r = svc.post({"items": [_item(svc, "id.png", f"s{i}.wav", item_id=f"k{i}") for i in range(4)]})
+    job_id = r.json()["job_id"]
+    svc.wait(job_id, until=lambda j: any(i["segments_total"] for i in j["items"]))
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                if "#Generator#" in a["name"]]
+    assert replicas
+    for a in replicas:
+        ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]))
+    assert svc.get(f"/v1/jobs/{job_id}").json()["status"] == "running"   # killed mid-job
+    job = svc.wait(job_id)
+    assert job["status"] == "succeeded", job
+    stored = JobStore(svc.cfg.serve.job_store, svc.cfg.storage).load(job_id)
+    assert [i.attempts for i in stored.items] == [1] * 4      # segments re-sent, items not redone
+    now = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "#Generator#" in a["name"]}
+    assert now and not now & {a["name"] for a in replicas}    # replacement replicas did the rest
+    results = svc.get(f"/v1/jobs/{job_id}/results").json()["results"]
+    assert sorted(x["item_id"] for x in results) == [f"k{i}" for i in range(4)]
+    for x in results:
+        _check_mp4(svc, x["output"], 6.0)
+    assert _outputs(svc, job_id) == sorted(f"out/{job_id}/k{i}.mp4" for i in range(4))
+
+
+def test_restarting_the_app_mid_job_resumes_it(service):
+    from ray import serve
+
+    from dheads.serve import app
+
+    svc = service
+    r = svc.post({"items": [_item(svc, "id.png", f"s{i}.wav", item_id=f"r{i}") for i in range(4)]})
+    job_id = r.json()["job_id"]
+    svc.wait(job_id, until=lambda j: any(i["segments_total"] for i in j["items"]))
+    serve.delete(app.APP_NAME)
+    before = JobStore(svc.cfg.serve.job_store, svc.cfg.storage).load(job_id)
+    assert before.status.value in ("queued", "running")            # stopped mid-job
+    app.run(svc.cfg)
+    job = svc.wait(job_id)
+    assert job["status"] == "succeeded", job
+    after = JobStore(svc.cfg.serve.job_store, svc.cfg.storage).load(job_id)
+    assert max(i.attempts for i in after.items) == 2                # resumed by the new ingress
+    results = svc.get(f"/v1/jobs/{job_id}/results").json()["results"]
+    assert all(x["status"] == "succeeded" for x in results)
+    for x in results:
+        _check_mp4(svc, x["output"], 6.0)
+    assert _outputs(svc, job_id) == sorted(f"out/{job_id}/r{i}.mp4" for i in range(4))
+
+
+def test_nothing_runs_at_import():
+    import subprocess
+    import sys
+
+    code = ("import ray, dheads.serve.app, dheads.serve.ingress, dheads.serve.generator, "
+            "dheads.jobs.dub; assert not ray.is_initialized(); print('clean')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "clean", out.stderr
