@@ -1,0 +1,45 @@
+"""`dheads export run=URI out=URI`: the EMA weights of a training run's latest
+checkpoint as a model checkpoint (`model.safetensors` + `config.json`), the
+format `dheads.model.checkpoint.load_checkpoint` and every inference job read.
+
+Runs in one process without Ray or a process group: DCP reassembles the
+shards every rank wrote. `run` is the Ray Train run folder
+(`<trainer.storage_path>/<trainer.name>`), local or s3://; `out` as well.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from torch import nn
+
+from dheads.model.config import DiffusionConfig, ModelConfig
+from dheads.platform import storage
+from dheads.platform.checkpointing import download, latest_checkpoint, load_ema_model
+from dheads.platform.config import ExportJob, StorageConfig
+
+
+def write_export(model: nn.Module, model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig,
+                 out_uri: str, storage_cfg: StorageConfig) -> str:
+    """Save a plain model as a model checkpoint at `out_uri` (local or s3://)."""
+    from dheads.model.checkpoint import save_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="dheads-export-") as tmp:
+        save_checkpoint(tmp, model, model_cfg, diffusion_cfg)
+        for f in sorted(Path(tmp).iterdir()):
+            storage.upload_file(f, storage.join(out_uri, f.name), storage_cfg)
+    return out_uri
+
+
+def run(cfg: ExportJob) -> int:
+    checkpoint = latest_checkpoint(cfg.run, cfg.storage)
+    if checkpoint is None:
+        print(f"dheads export: no training checkpoint (step_*/) under {cfg.run}", file=sys.stderr)
+        return 1
+    with tempfile.TemporaryDirectory(prefix="dheads-dcp-") as tmp:
+        model, model_cfg, diffusion_cfg, step = load_ema_model(download(checkpoint, tmp, cfg.storage))
+    write_export(model, model_cfg, diffusion_cfg, cfg.out, cfg.storage)
+    print(json.dumps({"checkpoint": checkpoint, "step": step, "out": cfg.out}))
+    return 0

@@ -1,0 +1,66 @@
+"""`dheads train ...`: Ray Train TorchTrainer over FSDP2 workers.
+
+Parse (done by the CLI) -> build the dataset and the trainer -> fit. The
+per-worker loop is `dheads.jobs.training.loop.train_loop_per_worker`. The run
+folder is `<trainer.storage_path>/<trainer.name>` (local or s3://); running the
+same command again resumes from its latest checkpoint.
+"""
+from __future__ import annotations
+
+import json
+
+from dheads.platform.config import TrainJob
+
+
+def build_trainer(job: TrainJob, dataset):
+    import ray.train
+    from ray.data import ExecutionOptions
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from dheads.jobs.training.loop import TRAIN_DATASET, train_loop_per_worker
+    from dheads.jobs.training.storage import run_storage
+    from dheads.platform.storage import s3_env
+
+    tc = job.trainer
+    storage_path, filesystem = run_storage(tc.storage_path, job.storage)
+    # preserve_order makes the split of blocks over workers deterministic:
+    # the data side of exact resume.
+    ingest = ray.train.DataConfig.default_ingest_options()
+    ingest.preserve_order = True
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job},
+        torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+            resources_per_worker={"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=tc.name, storage_path=storage_path, storage_filesystem=filesystem,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
+            worker_runtime_env={"env_vars": s3_env(job.storage)}),
+        datasets={TRAIN_DATASET: dataset},
+        dataset_config=ray.train.DataConfig(execution_options=ingest),
+    )
+
+
+def run(cfg: TrainJob) -> int:
+    import ray.data
+
+    from dheads.jobs.reader import TENSOR_COLUMNS, training_dataset
+    from dheads.jobs.training.loop import run_folder
+    from dheads.jobs.training.schedule import LRSchedule
+    from dheads.platform.cluster import connect
+
+    LRSchedule(cfg.trainer.lr_schedule)  # a typo fails here, not on the workers
+    connect(cfg.cluster, cfg.storage)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # one log line per step is enough
+    # Only tensor columns travel to the workers (clip_id is a string).
+    dataset = training_dataset(cfg.data.shards, cfg.model, cfg.data, cfg.storage) \
+        .select_columns(list(TENSOR_COLUMNS))
+    result = build_trainer(cfg, dataset).fit()
+    metrics = result.metrics or {}
+    print(json.dumps({"run": run_folder(cfg), "step": metrics.get("step"),
+                      "loss": metrics.get("loss"),
+                      "checkpoint": result.checkpoint.path if result.checkpoint else None}))
+    return 0
