@@ -69,6 +69,9 @@ def clip_tuples(row: dict, context: int, count: int, seed: int, epoch: int = 0) 
     from dheads.jobs.preprocess import decode_frames
     from dheads.model.video import audio_windows, motion_frames
 
+    # Small per-tuple tensor ops: intra-op threads only contend with the
+    # other Ray workers on the node (measured 6-25 ms vs 0.03 ms per window).
+    torch.set_num_threads(1)
     n = int(row["n_frames"])
     clip_id = str(row["clip_id"])
     rng = np.random.default_rng([seed, epoch, zlib.crc32(clip_id.encode())])
@@ -108,7 +111,14 @@ def training_dataset(shards_uri: str, model_cfg: ModelConfig, data_cfg: DataConf
     uris = shard_uris(shards_uri, storage_cfg)
     fs, _ = storage.resolve(uris[0], storage_cfg)
     paths = [storage.resolve(u, storage_cfg)[1] for u in uris]
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=_READ_COLUMNS, shuffle="files")
+    from ray.data import FileShuffleConfig
+
+    # A seeded file order (the same in every execution): exact resume needs the
+    # data order to be a function of (seed, epoch); the per-epoch variation
+    # comes from the epoch-seeded local shuffle in `iter_training_batches`.
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=_READ_COLUMNS,
+                               shuffle=FileShuffleConfig(seed=data_cfg.seed,
+                                                         reseed_after_execution=False))
     ds = ds.flat_map(clip_tuples, fn_kwargs=dict(context=model_cfg.audio.context,
                                                  count=data_cfg.frames_per_clip_epoch,
                                                  seed=data_cfg.seed, epoch=epoch))

@@ -53,7 +53,9 @@ def run(cfg: TrainJob) -> int:
     from dheads.platform.cluster import connect
 
     LRSchedule(cfg.trainer.lr_schedule)  # a typo fails here, not on the workers
-    connect(cfg.cluster, cfg.storage)
+    tc = cfg.trainer
+    # workers' CPUs + room for the Ray Data tasks that feed them
+    connect(cfg.cluster, cfg.storage, min_cpus=tc.num_workers * tc.cpus_per_worker + 2)
     ray.data.DataContext.get_current().enable_progress_bars = False  # one log line per step is enough
     # Only tensor columns travel to the workers (clip_id is a string).
     dataset = training_dataset(cfg.data.shards, cfg.model, cfg.data, cfg.storage) \

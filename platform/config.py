@@ -141,7 +141,7 @@ class ServeConfig:
     max_upload_mb: float = 50.0
     output_dir: str = "runs/dubbed"      # default output prefix for uploads / items without one
     max_batch_size: int = 16             # @serve.batch admission batch
-    batch_wait_timeout_s: float = 0.05
+    batch_wait_timeout_s: float = 0.01     # late segments join the slot pool anyway
     item_concurrency: int = 8            # items of all jobs prepared/stitched at once by the ingress
     segment_retries: int = 3             # re-sends of a segment whose replica died
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
