@@ -13,6 +13,7 @@ interpolates between the respaced β'_k and β̃'_k.
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import Optional
 
@@ -68,7 +69,7 @@ def respaced_betas(alphas_cumprod: np.ndarray, keep: list[int]) -> np.ndarray:
     return np.array(betas, dtype=np.float64)
 
 
-class Sampler:
+class Sampler(abc.ABC):
     """Shared machinery: the respaced schedule and the timestep map."""
 
     needs_noise = True
@@ -102,8 +103,9 @@ class Sampler:
         noise = None if noise is None else noise.to(work)
         return self._step(model_out, x_t.to(work), step_idx, noise).to(x_t.dtype)
 
-    def _step(self, model_out, x_t, step_idx, noise):
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _step(self, model_out, x_t, step_idx, noise) -> torch.Tensor:
+        """One reverse step in the working dtype (see `step`)."""
 
 
 class AncestralSampler(Sampler):

@@ -102,6 +102,7 @@ class TrainerConfig:
     sample_frames: int = 8               # frames per val clip in the sample videos
     export_at_end: bool = True           # EMA weights -> <run>/export when `steps` is reached
     metrics_port: Optional[int] = None   # rank 0 serves Prometheus /metrics here (0: any free port)
+    metrics_host: str = "127.0.0.1"      # set 0.0.0.0 explicitly for an off-node scraper
     pushgateway: Optional[str] = None    # host:port of a Prometheus Pushgateway
 
 

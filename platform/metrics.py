@@ -29,7 +29,7 @@ def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
         return _gauges[name]
 
 
-def serve(port: int, addr: str = "0.0.0.0") -> int:
+def serve(port: int, addr: str = "127.0.0.1") -> int:
     """Expose `REGISTRY` at http://addr:port/metrics (once per port; 0 picks a
     free port). Returns the port it listens on."""
     with _lock:

@@ -65,3 +65,13 @@ def run(cfg: ServeJob) -> int:
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=cfg.blocking)
     return 0
+
+
+def app_builder(args: dict):
+    """Serve config-file entry (`import_path: dheads.serve.app:app_builder`,
+    e.g. a KubeRay RayService): `args: {overrides: ["checkpoint=s3://...", ...]}`
+    are the same Hydra overrides `dheads serve` takes. Host and port come from
+    the Serve config's `http_options` there."""
+    from dheads.platform.config import compose
+
+    return build_app(compose("serve", list(args.get("overrides", []))))

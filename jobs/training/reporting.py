@@ -24,8 +24,8 @@ class RankZeroReporter:
         self.peak = peak_flops(device, dtype)
         self.gauges = prom.TrainingGauges(job.trainer.name)
         if job.trainer.metrics_port is not None:
-            port = prom.serve(job.trainer.metrics_port)
-            log.info("Prometheus metrics at :%d/metrics", port)
+            port = prom.serve(job.trainer.metrics_port, job.trainer.metrics_host)
+            log.info("Prometheus metrics at %s:%d/metrics", job.trainer.metrics_host, port)
         self.logbook = Logbook(run_uri, job.storage, resume_step)
         self._val = None
         self._plain = None
