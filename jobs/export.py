@@ -1,4 +1,4 @@
-"""`dheads export run=URI out=URI`: the EMA weights of a training run's latest
+"""`dheads export run=URI out=URI [weights=ema|model]`: the EMA (default) or raw weights of a training run's latest
 checkpoint as a model checkpoint (`model.safetensors` + `config.json`), the
 format `dheads.model.checkpoint.load_checkpoint` and every inference job read.
 
@@ -39,7 +39,9 @@ def run(cfg: ExportJob) -> int:
         print(f"dheads export: no training checkpoint (step_*/) under {cfg.run}", file=sys.stderr)
         return 1
     with tempfile.TemporaryDirectory(prefix="dheads-dcp-") as tmp:
-        model, model_cfg, diffusion_cfg, step = load_ema_model(download(checkpoint, tmp, cfg.storage))
+        model, model_cfg, diffusion_cfg, step = load_ema_model(download(checkpoint, tmp, cfg.storage),
+                                                              use_ema=cfg.weights == "ema")
     write_export(model, model_cfg, diffusion_cfg, cfg.out, cfg.storage)
-    print(json.dumps({"checkpoint": checkpoint, "step": step, "out": cfg.out}))
+    print(json.dumps({"checkpoint": checkpoint, "step": step, "weights": cfg.weights.value,
+                      "out": cfg.out}))
     return 0

@@ -44,6 +44,27 @@ def build_trainer(job: TrainJob, dataset):
     )
 
 
+def pin_paths(cfg: TrainJob) -> TrainJob:
+    """Local paths made absolute here, in the driver: Ray workers run in their
+    own working directory, where a relative run folder or val path would
+    silently point somewhere else."""
+    from dataclasses import replace
+
+    from dheads.platform import media, storage
+    from dheads.platform.config import ConfigError
+
+    def pin(uri: str | None) -> str | None:
+        return uri if uri is None or storage.is_s3(uri) else str(storage.resolve(uri)[1])
+
+    cfg = replace(cfg, val=pin(cfg.val), data=replace(cfg.data, shards=pin(cfg.data.shards)),
+                  trainer=replace(cfg.trainer, storage_path=pin(cfg.trainer.storage_path)))
+    if cfg.trainer.sample_every > 0 and cfg.val and \
+            not storage.list_files(cfg.val, media.VIDEO_EXTS, cfg.storage):
+        raise ConfigError(f"val={cfg.val}: no videos there for the sample clips "
+                          f"(or set trainer.sample_every=0)")
+    return cfg
+
+
 def run(cfg: TrainJob) -> int:
     import ray.data
 
@@ -53,6 +74,7 @@ def run(cfg: TrainJob) -> int:
     from dheads.platform.cluster import connect
 
     LRSchedule(cfg.trainer.lr_schedule)  # a typo fails here, not on the workers
+    cfg = pin_paths(cfg)
     tc = cfg.trainer
     # workers' CPUs + room for the Ray Data tasks that feed them
     connect(cfg.cluster, cfg.storage, min_cpus=tc.num_workers * tc.cpus_per_worker + 2)

@@ -196,8 +196,10 @@ def download(checkpoint_uri: str, local_dir: str, storage_cfg: StorageConfig | N
     return local_dir
 
 
-def load_ema_model(checkpoint_dir: str) -> tuple[nn.Module, ModelConfig, DiffusionConfig, int]:
-    """Plain (unsharded) DiffusedHeads holding the EMA weights of a local DCP checkpoint.
+def load_ema_model(checkpoint_dir: str, use_ema: bool = True
+                   ) -> tuple[nn.Module, ModelConfig, DiffusionConfig, int]:
+    """Plain (unsharded) DiffusedHeads holding the EMA weights (or, with
+    `use_ema=False`, the raw weights) of a local DCP checkpoint.
 
     Runs in one process without a process group: DCP reassembles the shards
     written by all ranks. Buffers come from the trained model's state.
@@ -212,7 +214,8 @@ def load_ema_model(checkpoint_dir: str) -> tuple[nn.Module, ModelConfig, Diffusi
     ema = {n: p.detach().clone() for n, p in model.named_parameters()}
     dcp.load({"app": {"model": model_sd, "ema": ema}}, checkpoint_id=checkpoint_dir,
              planner=dcp.DefaultLoadPlanner(allow_partial_load=False))
-    model_sd.update(ema)
+    if use_ema:
+        model_sd.update(ema)
     model.load_state_dict(model_sd)
     return model.eval(), model_cfg, diffusion_cfg, int(meta["step"])
 

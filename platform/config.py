@@ -188,10 +188,16 @@ class TrainJob:
     val: Optional[str] = None            # URI of val clips for sample videos
 
 
+class ExportWeights(str, Enum):
+    ema = "ema"      # the exponential moving average (what sampling should use)
+    model = "model"  # the raw optimizer weights (inspection, very short runs)
+
+
 @dataclass
 class ExportJob:
     run: str = "runs/dheads-train"       # Ray Train run folder (local or s3://)
     out: str = "runs/export"
+    weights: ExportWeights = ExportWeights.ema
     storage: StorageConfig = field(default_factory=StorageConfig)
 
 

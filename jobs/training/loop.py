@@ -180,7 +180,7 @@ def train_loop_per_worker(config: dict) -> None:
         t0 = time.perf_counter()
         out = train_step(model, diffusion, optimizer, batch, lr, tc.grad_clip,
                          step_generator(tc.seed, step, rank, device))
-        ema.update()
+        ema.update(step)
         progress.step += 1
         metrics = global_mean(out, world)
         if device.type == "cuda":

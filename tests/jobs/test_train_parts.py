@@ -30,10 +30,27 @@ def test_ema_moves_towards_the_weights_at_its_rate():
     ema = EMA(model, rate=0.9)
     with torch.no_grad():
         model.weight.fill_(1.0)
-    ema.update()
-    ema.update()
+    # late steps: the configured rate
+    ema.update(1000)
+    ema.update(1001)
     assert torch.allclose(ema.shadow["weight"], torch.full((1, 2), 1 - 0.9 ** 2))
     assert ema.full_state(model)["weight"].dtype == torch.float32
+
+
+def test_ema_warms_up_so_a_short_run_is_not_the_random_init():
+    from dheads.jobs.training.ema import EMA
+
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema = EMA(model, rate=0.999)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    assert ema.decay(0) == pytest.approx(0.1)
+    for step in range(300):
+        ema.update(step)
+    # with a constant 0.999 only 1 - 0.999**300 = 26 % of the weights would be in
+    assert ema.shadow["weight"].min().item() > 0.999
 
 
 def test_train_step_is_a_pure_function_of_seed_step_and_rank():
@@ -107,3 +124,22 @@ def test_real_matmul_peak_is_positive():
     from dheads.platform.peak import measure_matmul_flops
 
     assert measure_matmul_flops(torch.device("cpu"), torch.float32, seconds=0.05) > 1e8
+
+
+def test_relative_paths_are_pinned_in_the_driver(tmp_path, monkeypatch):
+    """Workers run elsewhere: run folder, shards and val travel as absolute paths."""
+    import pytest
+
+    from dheads.jobs.train import pin_paths
+    from dheads.platform.config import ConfigError, compose
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "val").mkdir()
+    cfg = compose("train", ["trainer.storage_path=runs", "data.shards=shards", "val=val",
+                            "trainer.sample_every=0"])
+    pinned = pin_paths(cfg)
+    assert pinned.trainer.storage_path == str(tmp_path / "runs")
+    assert pinned.data.shards == str(tmp_path / "shards")
+    assert pinned.val == str(tmp_path / "val")
+    with pytest.raises(ConfigError, match="no videos"):
+        pin_paths(compose("train", ["val=val", "trainer.sample_every=10"]))
