@@ -31,12 +31,6 @@ class FaceDetector(str, Enum):
     haar = "haar"  # OpenCV 4.x Haar cascade
 
 
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
 # ----------------------------------------------------------------- shared parts
 @dataclass
 class StorageConfig:
@@ -296,6 +290,6 @@ def to_yaml(cfg: Any) -> str:
 __all__ = [
     "AudioConfig", "ModelConfig", "DiffusionConfig", "SamplerConfig",
     "StorageConfig", "ClusterConfig", "DataConfig", "TrainerConfig", "DubConfig",
-    "ServeConfig", "AutoscalingConfig", "FaceDetector", "Device", "ConfigError",
+    "ServeConfig", "AutoscalingConfig", "FaceDetector", "ConfigError",
     "compose", "to_yaml", "JOB_SCHEMAS",
 ]

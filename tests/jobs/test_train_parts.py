@@ -21,15 +21,21 @@ def test_lr_warms_up_linearly_then_follows_cosine_or_stays_constant():
         learning_rate(0, 1.0, 0, 10, "linear")
 
 
-def test_ema_moves_towards_the_weights_at_its_rate():
+def _ema_from_zero_to_one(rate: float):
+    """An EMA taken of zero weights, after which the weights become one."""
     from dheads.jobs.training.ema import EMA
 
     model = torch.nn.Linear(2, 1, bias=False)
     with torch.no_grad():
         model.weight.fill_(0.0)
-    ema = EMA(model, rate=0.9)
+    ema = EMA(model, rate=rate)
     with torch.no_grad():
         model.weight.fill_(1.0)
+    return model, ema
+
+
+def test_ema_moves_towards_the_weights_at_its_rate():
+    model, ema = _ema_from_zero_to_one(0.9)
     # late steps: the configured rate
     ema.update(1000)
     ema.update(1001)
@@ -38,14 +44,7 @@ def test_ema_moves_towards_the_weights_at_its_rate():
 
 
 def test_ema_warms_up_so_a_short_run_is_not_the_random_init():
-    from dheads.jobs.training.ema import EMA
-
-    model = torch.nn.Linear(2, 1, bias=False)
-    with torch.no_grad():
-        model.weight.fill_(0.0)
-    ema = EMA(model, rate=0.999)
-    with torch.no_grad():
-        model.weight.fill_(1.0)
+    _, ema = _ema_from_zero_to_one(0.999)
     assert ema.decay(0) == pytest.approx(0.1)
     for step in range(300):
         ema.update(step)
