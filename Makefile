@@ -1,21 +1,42 @@
 # Two commands on a fresh machine: `make demo` and `make test`.
-# Both create/update .venv; a second run installs nothing (stamp file).
+# Both install into .venv from the committed uv.lock only (`uv sync --locked`:
+# exact versions and hashes; it fails instead of resolving anew when the lock
+# does not match pyproject.toml). A second run installs nothing (stamp file).
+# Change dependencies in pyproject.toml, then `make lock`, and commit both.
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
+TOOLS   := .venv-tools
+UV      := $(TOOLS)/bin/uv
 STAMP   := $(VENV)/.dheads-installed
 
-.PHONY: install test test-fast demo bench clean-runs
+# uv must use this machine's Python (no downloads) and put the project in .venv.
+export UV_PYTHON_DOWNLOADS := never
+export UV_PROJECT_ENVIRONMENT := $(CURDIR)/$(VENV)
+
+.PHONY: install lock lock-check test demo bench clean-venv
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
-	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install -q -e '.[dev]'
+$(UV): scripts/uv-requirements.txt
+	@test -x $(TOOLS)/bin/python || $(PY) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install -q --disable-pip-version-check --require-hashes \
+		-r scripts/uv-requirements.txt
+	@touch $(UV)
+
+$(STAMP): pyproject.toml uv.lock $(UV)
+	$(UV) sync --locked --extra dev --python $(PY)
 	@touch $(STAMP)
 
-test: install
+# Re-resolve pyproject.toml into uv.lock (the only way dependencies change).
+lock: $(UV)
+	$(UV) lock --python $(PY)
+
+# Fails when uv.lock does not match pyproject.toml.
+lock-check: $(UV)
+	$(UV) lock --check --python $(PY)
+
+test: lock-check install
 	@bash scripts/install_chromium.sh   # the HTML report is checked in headless Chromium
 	$(BIN)/python -m pytest tests -q
 
@@ -23,6 +44,10 @@ demo: install
 	$(BIN)/python -m dheads.jobs.demo
 
 bench: install
+	$(BIN)/python bench/model.py --threads 1
 	$(BIN)/python bench/preprocess.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/dub.py
+
+clean-venv:
+	rm -rf $(VENV) $(TOOLS)

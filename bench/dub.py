@@ -1,6 +1,8 @@
 """Dubbing throughput: continuous batching, sampler overhead, serve vs offline.
 
-    python bench/dub.py [--image-size 32] [--threads 1] [--frames 2] [--items 4]
+    python bench/dub.py [--image-size 32] [--threads 1] [--frames 2] [--items 4] [--smoke]
+
+`--smoke` (the test suite): 16 px, 1 frame per segment, 2 items of 0.4 s, one repeat.
 
 Prints one JSON line:
 - fps_batch_{1,4,16}: frames/s of the `ContinuousBatcher` with that many
@@ -28,7 +30,12 @@ import tempfile
 import time
 from pathlib import Path
 
-
+JSON_KEYS = ("bench", "model", "image_size", "params", "threads", "device",
+             "fps_batch_1", "fps_batch_4", "fps_batch_16", "fps_per_cpu_s_batch_16",
+             "batching_gain_16", "batching_gain_16_cpu", "sampler_overhead",
+             "fps_ddim10", "fps_ddim20", "fps_ddim50", "offline_s_per_item", "serve_s_per_item",
+             "serve_over_offline", "engine_wall_s_per_item_offline", "engine_wall_s_per_item_serve",
+             "smoke")
 
 def _engine(ckpt: str, steps: int, batch: int, threads: int):
     from dheads.model.config import SamplerConfig
@@ -169,7 +176,10 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=4)
     ap.add_argument("--item-seconds", type=float, default=0.8)
     ap.add_argument("--repeats", type=int, default=2, help="runs per figure (best is kept)")
+    ap.add_argument("--smoke", action="store_true", help="seconds, tiny inputs (the test suite)")
     args = ap.parse_args()
+    if args.smoke:
+        args.image_size, args.frames, args.items, args.item_seconds, args.repeats = 16, 1, 2, 0.4, 1
 
     import torch
 
@@ -183,7 +193,8 @@ def main() -> None:
     out: dict = {"bench": "dub", "model": "tiny", "image_size": args.image_size,
                  "params": count_params(load_checkpoint(ckpt).model), "threads": args.threads,
                  "device": "cuda" if torch.cuda.is_available() else "cpu",
-                 "load_avg_1m": round(os.getloadavg()[0], 2), "cpu_count": os.cpu_count()}
+                 "load_avg_1m": round(os.getloadavg()[0], 2), "cpu_count": os.cpu_count(),
+                 "smoke": args.smoke}
     for batch in (1, 4, 16):
         fps, stats = sampling_fps(ckpt, args.image_size, batch, 10, args.frames, args.threads,
                                   args.repeats)

@@ -1,7 +1,11 @@
 """Model figures as one JSON line: params and GFLOPs per preset, CPU seconds
 of one forward (batch 1) for tiny and paper, generate() frames/s for tiny.
 
-    python bench/model.py [--paper-repeats 1] [--frames 8] [--sampler ddim10] [--threads N]
+    python bench/model.py [--paper-repeats 1] [--frames 8] [--sampler ddim10] [--threads N] [--smoke]
+
+`--smoke` (the test suite): the same code on tiny inputs in seconds (the
+paper preset's forward timed at 32 px, 2 frames of DDIM 2); its figures are
+not the benchmark's.
 
 On a shared 2-core machine pass --threads 1: two torch threads spin-wait on
 each other when the cores are oversubscribed and the figures become noise.
@@ -25,6 +29,11 @@ from dheads.model.video import generate
 from dheads.platform.config import compose
 
 PRESETS = ["tiny", "small", "paper"]
+# Keys of the printed JSON (dots: nested); the suite checks every one in --smoke.
+JSON_KEYS = ("machine.cpu", "machine.cores", "machine.torch_threads", "machine.torch",
+             "presets.tiny.params", "presets.paper.params", "presets.paper.gflops_per_forward",
+             "cpu_forward_s_batch1.tiny", "cpu_forward_s_batch1.paper",
+             "generate_tiny.frames_per_s", "smoke")
 
 
 def model_cfg(preset: str):
@@ -63,10 +72,18 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--sampler", default="ddim10")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
+    ap.add_argument("--smoke", action="store_true", help="seconds, tiny inputs (the test suite)")
     args = ap.parse_args()
+    if args.smoke:
+        args.tiny_repeats, args.paper_repeats, args.frames, args.sampler = 1, 1, 2, "ddim2"
     if args.threads:
         torch.set_num_threads(args.threads)
     cfgs = {p: model_cfg(p) for p in PRESETS}
+    timed = dict(cfgs)
+    if args.smoke:
+        import dataclasses
+
+        timed["paper"] = dataclasses.replace(cfgs["paper"], image_size=32)
     result = {
         "machine": {"cpu": platform.processor() or platform.machine(),
                     "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -75,11 +92,12 @@ def main() -> None:
                         "gflops_per_forward": round(count_flops(c) / 1e9, 3),
                         "image_size": c.image_size} for p, c in cfgs.items()},
         "cpu_forward_s_batch1": {
-            "tiny": round(forward_seconds(cfgs["tiny"], args.tiny_repeats), 4),
-            "paper": round(forward_seconds(cfgs["paper"], args.paper_repeats), 3)},
+            "tiny": round(forward_seconds(timed["tiny"], args.tiny_repeats), 4),
+            "paper": round(forward_seconds(timed["paper"], args.paper_repeats), 3)},
         "generate_tiny": {"sampler": args.sampler, "frames": args.frames,
                           "frames_per_s": round(generate_fps(cfgs["tiny"], args.sampler,
                                                              args.frames), 3)},
+        "smoke": args.smoke,
     }
     print(json.dumps(result), flush=True)
 

@@ -1,6 +1,8 @@
 """Preprocess throughput vs plain PyAV decoding, for 1 and 2 CPUs.
 
-    python bench/preprocess.py [--input ../shared/benchmark/train] [--cpus 1,2] [--limit N]
+    python bench/preprocess.py [--input ../shared/benchmark/train] [--cpus 1,2] [--limit N] [--smoke]
+
+`--smoke` (the test suite): 4 clips, 1 CPU, one repeat.
 
 Prints one JSON line: per CPU count, `clips_per_s` and `frames_per_s` of the
 whole `dheads preprocess` job on a fresh local Ray with that many CPUs (Ray
@@ -45,6 +47,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+JSON_KEYS = ("bench", "input", "clips_in", "runs.0.cpus", "runs.0.clips_per_s", "runs.0.frames_per_s",
+             "runs.0.raw_decode_frames_per_s", "runs.0.ratio_vs_raw_decode",
+             "runs.0.shard_bytes_per_clip", "runs.0.source_bytes_per_clip", "smoke")
 
 
 def raw_decode(path: str) -> int:
@@ -97,18 +102,26 @@ def pipeline(input_dir: str, files: list[str], cpus: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--input", default=str(REPO.parent / "shared" / "benchmark" / "train"))
+    ap.add_argument("--input", default=None, help="default: the benchmark's train/")
     ap.add_argument("--cpus", default="1,2")
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--repeat", type=int, default=2, help="best of N (the machine is shared)")
+    ap.add_argument("--smoke", action="store_true", help="seconds, tiny inputs (the test suite)")
     args = ap.parse_args()
+    if args.smoke:
+        args.limit, args.cpus, args.repeat = 4, "1", 1
+    if args.input is None:
+        from _paths import benchmark_dir
+
+        args.input = str(benchmark_dir() / "train")
     files = sorted(str(p) for p in Path(args.input).glob("*.mp4"))
     if args.limit:
         files = files[: args.limit]
     if not files:
         sys.exit(f"no mp4 under {args.input}")
     source_bytes = sum(Path(f).stat().st_size for f in files) / len(files)
-    result = {"bench": "preprocess", "input": args.input, "clips_in": len(files), "runs": []}
+    result = {"bench": "preprocess", "input": args.input, "clips_in": len(files), "runs": [],
+              "smoke": args.smoke}
     all_cpus = sorted(os.sched_getaffinity(0))
     for cpus in (int(c) for c in args.cpus.split(",")):
         # Pin the driver; the raw-decode pool and every Ray process inherit it.

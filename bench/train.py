@@ -3,7 +3,10 @@ against a plain single-process torch loop on the same model and per-worker
 batch, measured in the same run.
 
     python bench/train.py [--model tiny] [--image-size 64] [--batch-size 8] [--steps 30]
-                          [--clips 8] [--shards URI] [--gpu]
+                          [--clips 8] [--shards URI] [--gpu] [--smoke]
+
+`--smoke` (the test suite): 32 px, 2 clips, 4 steps of batch 2, and no
+2-worker run (the 1-worker run covers the same code; `*_2w` are null).
 
 - `samples_per_s_plain`: `train_step` (the job's own step: forward, losses,
   backward, clipping, AdamW, EMA) in one process on batches already in memory,
@@ -32,7 +35,10 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-BENCHMARK = REPO.parent / "shared" / "benchmark"
+JSON_KEYS = ("model", "image_size", "batch_size_per_worker", "device", "samples_per_s_plain",
+             "samples_per_s_fsdp_1w", "samples_per_s_fsdp_2w", "overhead_ratio",
+             "overhead_ratio_compute_only", "mfu", "mfu_2w", "mfu_plain", "peak_tflops",
+             "train_gflops_per_sample", "fsdp_1w_step_s", "worker_torch_threads", "steps", "smoke")
 
 
 def overrides(args, shards: str, storage: str, name: str, workers: int) -> list[str]:
@@ -50,13 +56,16 @@ def overrides(args, shards: str, storage: str, name: str, workers: int) -> list[
 def preprocess(args, work: Path) -> str:
     from dheads.platform.cli import main
 
+    from _paths import benchmark_dir
+
+    benchmark = benchmark_dir()
     src = work / "clips"
     src.mkdir()
-    lines = (BENCHMARK / "train" / "manifest.jsonl").read_text().splitlines()[:args.clips]
+    lines = (benchmark / "train" / "manifest.jsonl").read_text().splitlines()[:args.clips]
     for line in lines:
         stem = json.loads(line)["video"].rsplit(".", 1)[0]
         for ext in (".mp4", ".json"):
-            shutil.copy(BENCHMARK / "train" / f"{stem}{ext}", src / f"{stem}{ext}")
+            shutil.copy(benchmark / "train" / f"{stem}{ext}", src / f"{stem}{ext}")
     out = work / "shards"
     extra = [f"model.image_size={args.image_size}"] if args.image_size else []
     assert main(["preprocess", f"input={src}", f"output={out}", f"model={args.model}", *extra]) == 0
@@ -95,7 +104,7 @@ def plain_loop(args, job, shards: str) -> dict:
         with autocast:
             train_step(model, diffusion, optimizer, batches[step % len(batches)], lr,
                        job.trainer.grad_clip, step_generator(0, step, 0, device))
-        ema.update()
+        ema.update(step)
         if args.gpu:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
@@ -138,7 +147,10 @@ def main() -> None:
     p.add_argument("--cpus-per-worker", type=int, default=1)
     p.add_argument("--shards", default=None)
     p.add_argument("--gpu", action="store_true")
+    p.add_argument("--smoke", action="store_true", help="seconds, tiny inputs (the test suite)")
     args = p.parse_args()
+    if args.smoke:
+        args.image_size, args.clips, args.steps, args.warmup, args.batch_size = 32, 2, 4, 1, 2
 
     import ray
 
@@ -164,7 +176,8 @@ def main() -> None:
         before = plain_loop(args, job, shards)
         one = fsdp_run(args, shards, work, 1)
         after = plain_loop(args, job, shards)
-        two = fsdp_run(args, shards, work, 2) if not args.gpu or torch.cuda.device_count() > 1 else None
+        two = fsdp_run(args, shards, work, 2) \
+            if not args.smoke and (not args.gpu or torch.cuda.device_count() > 1) else None
         plain = {"step_s": (before["step_s"] + after["step_s"]) / 2}
         threads = json.loads((work / "bench-1w" / "workers" / "rank0.json").read_text())["torch_threads"]
         b = args.batch_size
@@ -185,7 +198,7 @@ def main() -> None:
             "plain_step_s_before_after": [round(before["step_s"], 4), round(after["step_s"], 4)],
             "fsdp_1w_step_s": round(one["step_s"], 4), "worker_torch_threads": threads,
             "steps": args.steps, "warmup_steps_excluded": args.warmup,
-            "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
+            "load_avg_1m_at_end": round(os.getloadavg()[0], 2), "smoke": args.smoke,
         }
         print(json.dumps(out), flush=True)
     finally:

@@ -16,6 +16,7 @@ import io
 import json
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -149,7 +150,9 @@ def read_manifest(uri: str, storage_cfg: StorageConfig, runtime_env: dict):
     readers = {"jsonl": ray.data.read_json, "json": ray.data.read_json, "csv": ray.data.read_csv,
                "parquet": ray.data.read_parquet}
     if suffix not in readers:
-        raise ItemError(f"manifest {uri}: expected .jsonl, .csv or .parquet")
+        from dheads.platform.errors import UserError
+
+        raise UserError(f"manifest {uri}: expected .jsonl, .csv or .parquet")
     return readers[suffix](path, filesystem=fs, runtime_env=runtime_env)
 
 
@@ -172,14 +175,19 @@ def run(cfg: DubJob) -> int:
     from tqdm import tqdm
 
     from dheads.model.checkpoint import CONFIG
+    from dheads.platform.checkpointing import fetch_model_checkpoint
     from dheads.platform.cluster import connect
+    from dheads.platform.errors import UserError
 
-    connect(cfg.cluster, cfg.storage)
     # workers do not share the driver's working directory
     output, checkpoint = _absolute(cfg.output), _absolute(cfg.checkpoint)
+    ckpt = json.loads(Path(fetch_model_checkpoint(checkpoint, cfg.storage), CONFIG).read_text())
+    if not storage.exists(cfg.manifest, cfg.storage):
+        raise UserError(f"manifest {cfg.manifest}: no such file (a JSONL/CSV/Parquet list of "
+                        "identity, audio[, output, item_id])")
+    connect(cfg.cluster, cfg.storage)
     base = None if storage.is_s3(cfg.manifest) else os.path.dirname(_absolute(cfg.manifest))
     env = {"runtime_env": {"env_vars": storage.s3_env(cfg.storage)}}
-    ckpt = json.loads(storage.read_bytes(storage.join(checkpoint, CONFIG), cfg.storage))
     manifest = read_manifest(cfg.manifest, cfg.storage, env["runtime_env"])
     n_items = manifest.count()
     segments = manifest.map_batches(

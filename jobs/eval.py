@@ -7,19 +7,13 @@ Metric definitions: jobs/evaluation/report.py (METHODS), also in the report.
 from __future__ import annotations
 
 import json
-import sys
 
-from dheads.jobs.evaluation import EvalError, evaluate
+from dheads.jobs.evaluation import evaluate
 from dheads.platform.config import EvalJob
-from dheads.platform.storage import StorageError
 
 
 def run(cfg: EvalJob) -> int:
-    try:
-        averages = evaluate(cfg.generated, cfg.reference, cfg.out, cfg.storage,
-                            fps=cfg.fps, max_lag=cfg.max_lag, report=cfg.report)
-    except (EvalError, StorageError) as e:
-        print(f"dheads eval: {e}", file=sys.stderr)
-        return 1
+    averages = evaluate(cfg.generated, cfg.reference, cfg.out, cfg.storage,
+                        fps=cfg.fps, max_lag=cfg.max_lag, report=cfg.report)
     print(json.dumps(averages), flush=True)
     return 0

@@ -9,7 +9,6 @@ shards every rank wrote. `run` is the Ray Train run folder
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from dheads.model.config import DiffusionConfig, ModelConfig
 from dheads.platform import storage
 from dheads.platform.checkpointing import download, latest_checkpoint, load_ema_model
 from dheads.platform.config import ExportJob, StorageConfig
+from dheads.platform.errors import UserError
 
 
 def write_export(model: nn.Module, model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig,
@@ -36,8 +36,8 @@ def write_export(model: nn.Module, model_cfg: ModelConfig, diffusion_cfg: Diffus
 def run(cfg: ExportJob) -> int:
     checkpoint = latest_checkpoint(cfg.run, cfg.storage)
     if checkpoint is None:
-        print(f"dheads export: no training checkpoint (step_*/) under {cfg.run}", file=sys.stderr)
-        return 1
+        raise UserError(f"run={cfg.run}: no training checkpoint (step_*/) there; "
+                        "pass the run folder <trainer.storage_path>/<trainer.name> of `dheads train`")
     with tempfile.TemporaryDirectory(prefix="dheads-dcp-") as tmp:
         model, model_cfg, diffusion_cfg, step = load_ema_model(download(checkpoint, tmp, cfg.storage),
                                                               use_ema=cfg.weights == "ema")

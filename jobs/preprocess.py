@@ -448,8 +448,14 @@ def preprocess(cfg: PreprocessJob, progress: bool = True, tasks: list[dict] | No
 
 def run(cfg: PreprocessJob) -> int:
     from dheads.platform.cluster import connect
+    from dheads.platform.errors import UserError
 
+    tasks = list_clips(cfg.input, cfg.storage)  # before Ray starts: a wrong input fails at once
+    if not tasks:
+        where = "no such folder" if not (storage.is_s3(cfg.input) or Path(cfg.input).expanduser().exists()) \
+            else f"no videos ({', '.join(VIDEO_EXTS)}) there"
+        raise UserError(f"input={cfg.input}: {where}")
     connect(cfg.cluster, cfg.storage)
-    summary = preprocess(cfg)
+    summary = preprocess(cfg, tasks=tasks)
     print(summary.line())
     return 0

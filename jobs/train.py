@@ -73,8 +73,11 @@ def run(cfg: TrainJob) -> int:
     from dheads.jobs.training.schedule import LRSchedule
     from dheads.platform.cluster import connect
 
+    from dheads.jobs.reader import shard_uris
+
     LRSchedule(cfg.trainer.lr_schedule)  # a typo fails here, not on the workers
     cfg = pin_paths(cfg)
+    shard_uris(cfg.data.shards, cfg.storage)  # none there: a clear error before Ray starts
     tc = cfg.trainer
     # workers' CPUs + room for the Ray Data tasks that feed them
     connect(cfg.cluster, cfg.storage, min_cpus=tc.num_workers * tc.cpus_per_worker + 2)

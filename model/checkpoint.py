@@ -127,6 +127,11 @@ def load_checkpoint(path: Union[str, Path], device: Union[str, torch.device] = "
     bad = [f"{k}: {got[k]} != {expected[k]}" for k in expected if got[k] != expected[k]]
     if bad:
         raise CheckpointError(f"{path}: tensor shapes do not match the config: {bad[:5]}")
+    # The tensors safetensors returns may sit at any byte offset of its buffer
+    # (many are not 64-byte aligned); vectorised kernels then take other code
+    # paths and a loaded model computed ~1e-5 away from the saved one. A copy
+    # into the allocator's own (aligned) storage makes the round trip exact.
+    state = {k: v.clone(memory_format=torch.contiguous_format) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     model.cfg = model_cfg
     return LoadedModel(model.to(device).eval(), model_cfg, diffusion_cfg)

@@ -18,7 +18,6 @@ epoch) and each rank's torch RNG state.
 from __future__ import annotations
 
 import json
-import posixpath
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,9 +219,36 @@ def load_ema_model(checkpoint_dir: str, use_ema: bool = True
     return model.eval(), model_cfg, diffusion_cfg, int(meta["step"])
 
 
-def checkpoint_name_step(uri: str) -> int:
-    return int(posixpath.basename(uri.rstrip("/"))[len(CHECKPOINT_PREFIX):])
+# ------------------------------------------------------------ model checkpoints
+_FETCHED: dict[tuple[str, str | None], str] = {}
+
+
+def fetch_model_checkpoint(uri: str, storage_cfg: StorageConfig | None = None) -> str:
+    """A local directory holding the model checkpoint (`model.safetensors` +
+    `config.json`) at `uri`: local paths as they are, `s3://` downloaded once
+    per process. Raises CheckpointError saying what is missing and how to
+    make one, before anything else starts."""
+    from dheads.model.checkpoint import CONFIG, WEIGHTS, CheckpointError
+
+    hint = "train one with `dheads train` and `dheads export`, or pass checkpoint=<folder>"
+    if not storage.is_s3(uri):
+        path = Path(uri).expanduser()
+        if not (path / CONFIG).is_file():
+            what = "no such folder" if not path.exists() else f"no {CONFIG} there"
+            raise CheckpointError(f"checkpoint {uri}: {what}; {hint}")
+        return str(path)
+    key = (uri, storage_cfg.endpoint_url if storage_cfg else None)
+    cached = _FETCHED.get(key)
+    if cached and Path(cached, WEIGHTS).is_file():
+        return cached
+    if not storage.exists(storage.join(uri, CONFIG), storage_cfg):
+        raise CheckpointError(f"checkpoint {uri}: no {CONFIG} there; {hint}")
+    local = tempfile.mkdtemp(prefix="dheads-ckpt-")
+    for name in (CONFIG, WEIGHTS):
+        Path(local, name).write_bytes(storage.read_bytes(storage.join(uri, name), storage_cfg))
+    _FETCHED[key] = local
+    return local
 
 
 __all__ = ["Progress", "TrainingState", "Checkpointer", "latest_checkpoint", "download",
-           "load_ema_model", "checkpoint_dir_name", "JOB_FILE"]
+           "load_ema_model", "checkpoint_dir_name", "fetch_model_checkpoint", "JOB_FILE"]

@@ -480,26 +480,6 @@ class BackgroundBatcher:
 
 
 # ------------------------------------------------------------------ loading
-def local_checkpoint(uri: str, storage_cfg: StorageConfig | None = None) -> str:
-    """A local directory holding the checkpoint at `uri` (S3: downloaded once
-    per process into a temporary directory)."""
-    if not storage.is_s3(uri):
-        return uri
-    cached = _CHECKPOINTS.get(uri)
-    if cached and os.path.isdir(cached):
-        return cached
-    from dheads.model.checkpoint import CONFIG, WEIGHTS
-
-    local = tempfile.mkdtemp(prefix="dheads-ckpt-")
-    for name in (CONFIG, WEIGHTS):
-        Path(local, name).write_bytes(storage.read_bytes(storage.join(uri, name), storage_cfg))
-    _CHECKPOINTS[uri] = local
-    return local
-
-
-_CHECKPOINTS: dict[str, str] = {}
-
-
 def build_engine(checkpoint: str, sampler_cfg: Any, cfg: DubConfig,
                  storage_cfg: StorageConfig | None = None,
                  device: str | None = None) -> ContinuousBatcher:
@@ -507,11 +487,12 @@ def build_engine(checkpoint: str, sampler_cfg: Any, cfg: DubConfig,
     from dheads.model.checkpoint import load_checkpoint
     from dheads.model.diffusion import GaussianDiffusion
     from dheads.model.samplers import make_sampler
+    from dheads.platform.checkpointing import fetch_model_checkpoint
 
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     device = device or ("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
-    loaded = load_checkpoint(local_checkpoint(checkpoint, storage_cfg), device=device)
+    loaded = load_checkpoint(fetch_model_checkpoint(checkpoint, storage_cfg), device=device)
     sampler = make_sampler(GaussianDiffusion(loaded.diffusion_cfg), sampler_cfg)
     return ContinuousBatcher(loaded.model, sampler, loaded.model_cfg.audio,
                              loaded.model_cfg.image_size, cfg.batch_size, device)

@@ -25,6 +25,15 @@ class StorageError(IOError):
     """A URI that cannot be read or written; the message says which and why."""
 
 
+def _failure(verb: str, uri: str, e: OSError, storage: StorageConfig | None) -> StorageError:
+    """A StorageError for `verb uri`, with a hint when the endpoint is unreachable."""
+    text = " ".join(str(e).split())
+    if is_s3(uri) and ("NETWORK_CONNECTION" in text or "curlCode" in text):
+        endpoint = (storage.endpoint_url if storage else None) or "AWS's default endpoint"
+        text += f" (is {endpoint} reachable? set storage.endpoint_url)"
+    return StorageError(f"cannot {verb} {uri}: {text}")
+
+
 def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
@@ -66,7 +75,7 @@ def list_files(uri: str, suffixes: tuple[str, ...] = (), storage: StorageConfig 
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
     except OSError as e:
-        raise StorageError(f"cannot list {uri}: {e}") from e
+        raise _failure("list", uri, e, storage) from e
     out = []
     for info in infos:
         if info.type != pafs.FileType.File:
@@ -85,7 +94,7 @@ def exists(uri: str, storage: StorageConfig | None = None) -> bool:
     try:
         return fs.get_file_info(path).type != pafs.FileType.NotFound
     except OSError as e:
-        raise StorageError(f"cannot stat {uri}: {e}") from e
+        raise _failure("stat", uri, e, storage) from e
 
 
 def size(uri: str, storage: StorageConfig | None = None) -> int:
@@ -98,8 +107,8 @@ def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
     try:
         with fs.open_input_stream(path) as f:
             return f.read()
-    except (OSError, FileNotFoundError) as e:
-        raise StorageError(f"cannot read {uri}: {e}") from e
+    except OSError as e:
+        raise _failure("read", uri, e, storage) from e
 
 
 def write_bytes(uri: str, data: bytes, storage: StorageConfig | None = None) -> None:
@@ -121,7 +130,7 @@ def write_bytes(uri: str, data: bytes, storage: StorageConfig | None = None) -> 
     except OSError as e:
         with contextlib.suppress(OSError):
             fs.delete_file(tmp)
-        raise StorageError(f"cannot write {uri}: {e}") from e
+        raise _failure("write", uri, e, storage) from e
 
 
 def upload_file(local_path: str | Path, uri: str, storage: StorageConfig | None = None) -> None:

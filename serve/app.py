@@ -35,7 +35,10 @@ def build_app(cfg: ServeJob, token: str | None = None):
     from dheads.serve.generator import MAX_CONCURRENT_BATCHES, Generator
     from dheads.serve.ingress import DubbingAPI
 
+    from dheads.platform.checkpointing import fetch_model_checkpoint
+
     token = token or api_token(cfg)
+    fetch_model_checkpoint(_absolute(cfg.checkpoint), cfg.storage)  # a clear error now, not in a replica
     s = cfg.serve
     serve_cfg = dataclasses.replace(
         s, allowed_uris=[_absolute(u) for u in s.allowed_uris], job_store=_absolute(s.job_store),

@@ -22,6 +22,7 @@ from dheads.jobs.evaluation.report import write_report
 from dheads.jobs.evaluation.scoring import ClipScore, GroundTruth, score_clip
 from dheads.platform import storage as store
 from dheads.platform.config import StorageConfig
+from dheads.platform.errors import UserError
 from dheads.platform.media import MediaError, read_video
 
 UNAVAILABLE = {
@@ -37,7 +38,7 @@ MEAN_KEYS = ("sync_r", "sync_r_best", "sync_lag", "mouth_measure_r", "psnr", "ss
              "drift_first_db", "drift_last_db", "drift_db", "drift_ref_db")
 
 
-class EvalError(ValueError):
+class EvalError(UserError, ValueError):
     """Inputs that cannot be evaluated (nothing to match, unreadable clip)."""
 
 
@@ -101,7 +102,7 @@ def average(scores: dict[str, ClipScore]) -> dict:
 
 def evaluate(generated_uri: str, reference_uri: str, out_uri: str,
              storage: StorageConfig | None = None, *, fps: float = 25.0, max_lag: int = 5,
-             report: bool = True) -> dict:
+             report: bool = True, verbose: bool = True) -> dict:
     """Score every generated clip against the reference clip of the same stem.
 
     Writes `out/metrics.json` ({"averages", "clips", "unavailable", ...}) and,
@@ -110,9 +111,9 @@ def evaluate(generated_uri: str, reference_uri: str, out_uri: str,
     """
     cfg = storage or StorageConfig()
     pairs, unmatched = match_clips(generated_uri, reference_uri, cfg)
-    print(f"[eval] {len(pairs)} clips matched; without a partner (skipped, listed in metrics.json): "
-          f"{len(unmatched['generated_only'])} generated, {len(unmatched['reference_only'])} reference",
-          file=sys.stderr)
+    log = (lambda msg: print(msg, file=sys.stderr)) if verbose else (lambda msg: None)
+    log(f"[eval] {len(pairs)} clips matched; without a partner (skipped, listed in metrics.json): "
+          f"{len(unmatched['generated_only'])} generated, {len(unmatched['reference_only'])} reference")
     out_local = not store.is_s3(out_uri)
     work = Path(out_uri) if out_local else Path(tempfile.mkdtemp(prefix="dheads-eval-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -126,12 +127,12 @@ def evaluate(generated_uri: str, reference_uri: str, out_uri: str,
                 score, videos[pair.stem], strip = _score_pair(pair, work, out_local, cfg, fps, max_lag, report)
             except MediaError as e:
                 failed[pair.stem] = str(e)
-                print(f"[eval] {i + 1}/{len(pairs)} {pair.stem}: skipped, {e}", file=sys.stderr)
+                log(f"[eval] {i + 1}/{len(pairs)} {pair.stem}: skipped, {e}")
                 continue
             scores[pair.stem], strips[pair.stem] = score, strip
             m = score.metrics
-            print(f"[eval] {i + 1}/{len(pairs)} {pair.stem}: sync_r={_fmt(m['sync_r'])} lag={m['sync_lag']} "
-                  f"psnr_upper={m['psnr_upper']:.2f} ssim_upper={m['ssim_upper']:.3f}", file=sys.stderr)
+            log(f"[eval] {i + 1}/{len(pairs)} {pair.stem}: sync_r={_fmt(m['sync_r'])} lag={m['sync_lag']} "
+                f"psnr_upper={m['psnr_upper']:.2f} ssim_upper={m['ssim_upper']:.3f}")
         if not scores:
             raise EvalError(f"no clip could be scored: {failed}")
         averages = average(scores)

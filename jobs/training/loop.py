@@ -146,6 +146,11 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     run_uri = run_folder(job)
+    if device.type == "cpu":
+        # as many intra-op threads as the worker's CPUs, whatever the host's
+        # core count: the step's arithmetic (and so exact resume) then does not
+        # depend on the machine it lands on
+        torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
 
     torch.manual_seed(tc.seed)  # equal initial weights on every rank, before sharding
     model = DiffusedHeads(job.model).to(device)

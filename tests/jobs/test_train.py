@@ -121,6 +121,14 @@ def test_exported_ema_weights_load_into_generate(run_a, tmp_path):
     assert video.shape == (1, 2, 3, 32, 32) and torch.isfinite(video).all()
 
 
+# Why comparing losses of two separate runs bit for bit is sound here: every
+# worker runs one intra-op thread (trainer.cpus_per_worker=1, set by the loop
+# whatever the host's cores), so no reduction order depends on the machine;
+# the step's t and noise come from a generator seeded by (seed, step, rank);
+# the data order is a function of (seed, epoch); and the only cross-rank
+# arithmetic is gloo's sum of two ranks' values, a + b, which is exact and
+# order-free (floating-point addition is commutative). The resumed and the
+# uninterrupted run therefore execute the same operations on the same bits.
 def test_stop_and_restart_on_s3_reproduces_the_next_step_loss(run_a, tiny_shards, s3_bucket):
     from dheads.jobs import train
     from dheads.platform import storage

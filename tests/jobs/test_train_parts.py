@@ -52,7 +52,20 @@ def test_ema_warms_up_so_a_short_run_is_not_the_random_init():
     assert ema.shadow["weight"].min().item() > 0.999
 
 
-def test_train_step_is_a_pure_function_of_seed_step_and_rank():
+@pytest.fixture
+def deterministic_torch():
+    """Bit-for-bit comparison of two runs in this process is sound by
+    construction: one intra-op thread (no reduction split whose order depends
+    on the core count) and deterministic algorithms, on any CPU."""
+    old, old_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(old_det)
+    torch.set_num_threads(old)
+
+
+def test_train_step_is_a_pure_function_of_seed_step_and_rank(deterministic_torch):
     from dheads.jobs.training.loop import step_generator, train_step
     from dheads.model.diffusion import GaussianDiffusion
     from dheads.model.flops import example_inputs
@@ -117,12 +130,6 @@ def test_peak_flops_is_measured_once_and_cached(tmp_path, monkeypatch):
     assert peak.peak_flops(torch.device("cpu")) == 1.5e9
     assert peak.peak_flops(torch.device("cpu")) == 1.5e9
     assert calls == [1] and (tmp_path / "peak_flops.json").exists()
-
-
-def test_real_matmul_peak_is_positive():
-    from dheads.platform.peak import measure_matmul_flops
-
-    assert measure_matmul_flops(torch.device("cpu"), torch.float32, seconds=0.05) > 1e8
 
 
 def test_relative_paths_are_pinned_in_the_driver(tmp_path, monkeypatch):

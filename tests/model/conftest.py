@@ -28,12 +28,23 @@ def randomise_zero_layers(model: torch.nn.Module, std: float = 0.05) -> torch.nn
 
 @pytest.fixture(autouse=True, scope="module")
 def single_thread():
-    """One intra-op thread for these small models. On 2 cores shared with
-    other jobs, 2 torch threads spin-wait on each other: measured 98 s vs
-    3.6 s for test_video.py under a load of 9; alone, 1 thread costs < 2x."""
+    """One intra-op thread and torch's deterministic algorithms for these
+    small models.
+
+    Speed: on 2 cores shared with other jobs, 2 torch threads spin-wait on
+    each other (measured 98 s vs 3.6 s for test_video.py under a load of 9).
+    Determinism by construction: with one thread no reduction is split across
+    threads (the split, and so the summation order, is what changes with the
+    machine's core count), and deterministic algorithms rule out kernels with
+    racing accumulations. So tests that run the same computation twice in
+    this process (same seed) may compare bit for bit on any x86/ARM CPU and
+    any core count; values across machines are never compared."""
     old = torch.get_num_threads()
+    old_det = torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
     yield
+    torch.use_deterministic_algorithms(old_det)
     torch.set_num_threads(old)
 
 
