@@ -59,9 +59,9 @@ def generate_fps(cfg, steps: str, n_frames: int) -> float:
     sampler = make_sampler(diffusion, SamplerConfig(kind=SamplerKind.ddim, steps=steps, eta=0.0))
     identity = torch.rand(1, 3, cfg.image_size, cfg.image_size) * 2 - 1
     audio = torch.randn(1, n_frames * cfg.audio.samples_per_frame) * 0.1
-    generate(model, diffusion, sampler, identity, audio, n_frames=1)  # warm-up
+    generate(model, sampler, identity, audio, n_frames=1)  # warm-up
     start = time.perf_counter()
-    generate(model, diffusion, sampler, identity, audio, n_frames=n_frames)
+    generate(model, sampler, identity, audio, n_frames=n_frames)
     return n_frames / (time.perf_counter() - start)
 
 

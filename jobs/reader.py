@@ -13,14 +13,18 @@ frames k drawn at random; all of them for shorter clips), one row each:
 | column | shape | dtype | meaning |
 |---|---|---|---|
 | `target` | [3, H, W] | float32 | frame k in [-1, 1] |
-| `identity` | [3, H, W] | float32 | the clip's identity frame (frame 0) in [-1, 1] |
+| `identity` | [3, H, W] | float32 | the identity frame in [-1, 1]: frame 0, or (`data.identity_frame=random`) a random frame ≠ k |
 | `motion` | [2, H, W] | float32 | grayscale frames k−2, k−1 (identity before the start) |
 | `audio` | [2 m_y + 1, *feature_shape] | float32 | features of frames k−m_y … k+m_y, edge frames replicated |
 | `mouth_box` | [4] | float32 | x0, y0, x1, y1 of frame k, model-image pixels |
 | `frame_index` | [] | int64 | k |
 
 The motion and audio-window math is the model's own (`dheads.model.video`:
-`motion_frames`, `audio_windows`), shared with the sampler loop.
+`motion_frames`, `audio_windows`), shared with the frame loop. Before the
+clip starts the motion frames are the identity frame, as at inference.
+`data.color_jitter` s > 0 changes the colours of identity, target and
+previous frames together (per-channel gain 1 ± s, offset ± s/2, one draw per
+tuple), so the model must take colour from the identity frame.
 
 Shuffling is two-level: shard files are read in random order
 (`read_parquet(shuffle="files")`), and `iter_training_batches` draws from a
@@ -35,7 +39,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from dheads.platform import storage
-from dheads.platform.config import DataConfig, ModelConfig, StorageConfig
+from dheads.platform.config import DataConfig, IdentitySource, ModelConfig, StorageConfig
 
 TENSOR_COLUMNS = ("target", "identity", "motion", "audio", "mouth_box", "frame_index")
 _READ_COLUMNS = ["clip_id", "n_frames", "frames", "audio_features", "audio_features_shape",
@@ -62,7 +66,17 @@ def _features(row: dict) -> np.ndarray:
     return np.frombuffer(row["audio_features"], "<f2").reshape(shape).astype(np.float32)
 
 
-def clip_tuples(row: dict, context: int, count: int, seed: int, epoch: int = 0) -> list[dict]:
+def jitter(images: list[np.ndarray], strength: float, rng: np.random.Generator) -> list[np.ndarray]:
+    """One colour change for all of `images` (`[3, H, W]` in [-1, 1]):
+    per-channel gain in 1 ± s and offset in ± s/2, clipped to [-1, 1]."""
+    gain = rng.uniform(1 - strength, 1 + strength, (3, 1, 1)).astype(np.float32)
+    offset = rng.uniform(-strength / 2, strength / 2, (3, 1, 1)).astype(np.float32)
+    return [np.clip(img * gain + offset, -1, 1) for img in images]
+
+
+def clip_tuples(row: dict, context: int, count: int, seed: int, epoch: int = 0,
+                identity_frame: IdentitySource | str = IdentitySource.first,
+                color_jitter: float = 0.0) -> list[dict]:
     """One shard row (a clip) -> `count` training tuples (see the module table)."""
     import torch
 
@@ -76,20 +90,27 @@ def clip_tuples(row: dict, context: int, count: int, seed: int, epoch: int = 0) 
     clip_id = str(row["clip_id"])
     rng = np.random.default_rng([seed, epoch, zlib.crc32(clip_id.encode())])
     ks = np.sort(rng.choice(n, size=min(count, n), replace=False))
+    random_identity = IdentitySource(identity_frame) == IdentitySource.random and n > 1
+    # a random identity frame other than the target (uniform over the others)
+    ids = {int(k): (int(j) + (j >= k) if random_identity else 0)
+           for k, j in zip(ks, rng.integers(0, max(n - 1, 1), len(ks)))}
     blobs = row["frames"]
-    needed = sorted({0} | {int(j) for k in ks for j in (k - 2, k - 1, k) if j >= 0})
-    decoded = dict(zip(needed, decode_frames([blobs[j] for j in needed])))
-    identity = torch.from_numpy(_unit(decoded[0]))
+    needed = sorted(set(ids.values()) | {int(j) for k in ks for j in (k - 2, k - 1, k) if j >= 0})
+    decoded = {j: _unit(f) for j, f in zip(needed, decode_frames([blobs[j] for j in needed]))}
     feats = torch.from_numpy(_features(row))
     boxes = np.asarray([np.asarray(b, np.float32) for b in row["mouth_boxes"]], np.float32)
     out = []
     for k in ks:
         k = int(k)
-        prev = [torch.from_numpy(_unit(decoded[j])) if j >= 0 else identity for j in (k - 2, k - 1)]
+        identity = decoded[ids[k]]
+        images = [decoded[k], identity] + [decoded[j] if j >= 0 else identity for j in (k - 2, k - 1)]
+        if color_jitter > 0:
+            images = jitter(images, color_jitter, rng)
+        target, identity, prev2, prev1 = images
         out.append({
-            "target": _unit(decoded[k]),
-            "identity": identity.numpy(),
-            "motion": motion_frames(prev[0], prev[1]).numpy(),
+            "target": target,
+            "identity": identity,
+            "motion": motion_frames(torch.from_numpy(prev2), torch.from_numpy(prev1)).numpy(),
             "audio": audio_windows(feats, k, context).numpy(),
             "mouth_box": boxes[k],
             "frame_index": np.int64(k),
@@ -121,7 +142,9 @@ def training_dataset(shards_uri: str, model_cfg: ModelConfig, data_cfg: DataConf
                                                          reseed_after_execution=False))
     ds = ds.flat_map(clip_tuples, fn_kwargs=dict(context=model_cfg.audio.context,
                                                  count=data_cfg.frames_per_clip_epoch,
-                                                 seed=data_cfg.seed, epoch=epoch))
+                                                 seed=data_cfg.seed, epoch=epoch,
+                                                 identity_frame=data_cfg.identity_frame,
+                                                 color_jitter=data_cfg.color_jitter))
     if global_shuffle:
         ds = ds.random_shuffle(seed=data_cfg.seed + epoch)
     return ds

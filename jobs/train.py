@@ -70,12 +70,10 @@ def run(cfg: TrainJob) -> int:
 
     from dheads.jobs.reader import TENSOR_COLUMNS, training_dataset
     from dheads.jobs.training.loop import run_folder
-    from dheads.jobs.training.schedule import LRSchedule
     from dheads.platform.cluster import connect
 
     from dheads.jobs.reader import shard_uris
 
-    LRSchedule(cfg.trainer.lr_schedule)  # a typo fails here, not on the workers
     cfg = pin_paths(cfg)
     shard_uris(cfg.data.shards, cfg.storage)  # none there: a clear error before Ray starts
     tc = cfg.trainer

@@ -20,8 +20,15 @@ from typing import Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchaudio
 from torch import nn
+
+try:
+    import torchaudio  # loads libtorchaudio, compiled against one torch release
+except (ImportError, OSError) as _e:  # e.g. "undefined symbol: torch_exception_get_what..."
+    raise ImportError(
+        f"torchaudio does not load next to torch {torch.__version__} ({_e}). torch and "
+        "torchaudio must be one matching release: reinstall from the lock file "
+        "(`make install`, i.e. `uv sync --locked`), never with a bare `pip install`.") from _e
 
 from dheads.model.config import AudioConfig, AudioEncoderKind
 

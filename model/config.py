@@ -22,6 +22,20 @@ class BetaSchedule(str, Enum):
     cosine = "cosine"
 
 
+class Prediction(str, Enum):
+    """What the UNet's first 3 output channels predict (and L_simple compares)."""
+    eps = "eps"   # the noise ε (DDPM, the paper)
+    x0 = "x0"     # the clean sample x₀ (Ramesh et al. 2022; strong at low SNR)
+    v = "v"       # v = √ᾱ ε − √(1−ᾱ) x₀ (Salimans & Ho 2022)
+
+
+class VarianceType(str, Enum):
+    """Σ_θ of the reverse steps."""
+    learned_range = "learned_range"  # interpolate log β and log β̃ (improved DDPM; the paper)
+    fixed_small = "fixed_small"      # β̃_t, the posterior variance
+    fixed_large = "fixed_large"      # β_t
+
+
 class SamplerKind(str, Enum):
     ddpm = "ddpm"          # ancestral sampling over all training steps
     respaced = "respaced"  # ancestral sampling over a respaced subset
@@ -56,6 +70,24 @@ class AudioConfig:
 
 
 @dataclass
+class MotionConfig:
+    """The motion frames (the two previous frames, grayscale).
+
+    Training shows the UNet clean previous frames, inference its own outputs:
+    errors compound frame by frame (exposure bias). Gaussian noise of σ drawn
+    per sample from U(0, `train_noise_max`) on the motion channels in
+    training, and a fixed σ = `infer_noise` at inference, make the model
+    rely on them less for detail (dheads extension). With `embed_noise` the
+    UNet also sees σ (an embedding added to the timestep's).
+    `stabilize_every` > 0 resets the older motion frame to the identity frame
+    every that many generated frames (the official code's `stabilize`)."""
+    train_noise_max: float = 0.0
+    infer_noise: float = 0.0
+    embed_noise: bool = False
+    stabilize_every: int = 0
+
+
+@dataclass
 class ModelConfig:
     preset: str = "tiny"
     image_size: int = 64
@@ -78,22 +110,49 @@ class ModelConfig:
     dropout: float = 0.0
     num_groups: int = 32
     audio: AudioConfig = field(default_factory=AudioConfig)
+    motion: MotionConfig = field(default_factory=MotionConfig)
 
 
 @dataclass
 class DiffusionConfig:
+    """The diffusion process and its loss. Paper defaults: ε-prediction, the
+    cosine schedule over 1000 steps, learned-range variance, λ_vlb = 1e-4,
+    λ_ls = 0.2 (mouth box without margin here; the official code adds 5 px)."""
     steps: int = 1000
     schedule: BetaSchedule = BetaSchedule.cosine
-    learn_sigma: bool = True
+    variance: VarianceType = VarianceType.learned_range
+    prediction: Prediction = Prediction.eps
+    # Min-SNR-γ loss weighting (Hang et al. 2023); 0: off (the paper).
+    min_snr_gamma: float = 0.0
+    # Diffuse r = x₀ − identity instead of x₀ (dheads extension): a UNet
+    # whose output is zero then samples the identity frame exactly.
+    identity_residual: bool = False
     lambda_vlb: float = 1e-4
     lambda_ls: float = 0.2
+    # L_ls box grown by this fraction of the image size on every side
+    # (official: 5 px at 128 px ≈ 0.04).
+    mouth_margin: float = 0.0
+
+    @property
+    def learn_sigma(self) -> bool:
+        return VarianceType(self.variance) == VarianceType.learned_range
+
+    @staticmethod
+    def upgrade(data: dict) -> dict:
+        """Configs written before `variance` existed said `learn_sigma`."""
+        data = dict(data)
+        if "learn_sigma" in data:
+            learned = data.pop("learn_sigma")
+            data.setdefault("variance", "learned_range" if learned else "fixed_small")
+        return data
 
 
 @dataclass
 class SamplerConfig:
     kind: SamplerKind = SamplerKind.ddim
-    # space_timesteps spec: "100", "ddim50", "10,10,10". Ignored for ddpm.
-    steps: str = "ddim20"
+    # space_timesteps spec: "trailing20" (includes T−1), "100", "ddim50"
+    # (guided-diffusion: starts below T−1), "10,10,10". Ignored for ddpm.
+    steps: str = "trailing20"
     eta: float = 0.0
 
 
@@ -112,6 +171,8 @@ def to_dict(cfg: Any) -> dict:
 
 def from_dict(cls: type, data: dict) -> Any:
     """Inverse of to_dict, strict: unknown keys raise ValueError."""
+    if hasattr(cls, "upgrade"):
+        data = cls.upgrade(data)
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(data) - set(names)
     if unknown:

@@ -3,19 +3,28 @@
 Follows improved DDPM (Nichol & Dhariwal 2021) and guided-diffusion's
 `gaussian_diffusion.py`: the schedule is computed once in float64 and kept as
 tensors; every per-timestep quantity is gathered at `t` and cast to the
-input's dtype only at the point of use. The model predicts ε and the variance
-interpolation v ∈ [-1, 1] ("learned range"):
+input's dtype only at the point of use.
 
-    log Σ_θ = (v+1)/2 · log β_t + (1 − (v+1)/2) · log β̃_t        (improved DDPM eq. 15)
+The UNet's first three output channels predict ε (the paper), x₀ or
+v = √ᾱ ε − √(1−ᾱ) x₀ (`DiffusionConfig.prediction`); all three convert to
+x̂₀ and ε̂ for the posterior. With learned-range variance the last three
+are the interpolation v_Σ ∈ [-1, 1]:
 
-Losses (Diffused Heads, Stypułkowski et al. 2024, eq. 4–6):
+    log Σ_θ = (v_Σ+1)/2 · log β_t + (1 − (v_Σ+1)/2) · log β̃_t    (improved DDPM eq. 15)
 
-    L_simple = ‖ε − ε_θ‖²                          (mean over pixels)
+Losses (Diffused Heads, Stypułkowski et al. 2024, eq. 4–6), with y the
+prediction target (ε, x₀ or v) and w_t the min-SNR-γ weight (1 when off):
+
+    L_simple = w_t ‖y − y_θ‖²                      (mean over pixels)
     L_vlb    = KL(q(x_{t−1}|x_t,x_0) ‖ p_θ(x_{t−1}|x_t)) in bits/dim,
                −log p_θ(x_0|x_1) (discretised Gaussian) at t = 0,
                with the mean stop-gradiented so L_vlb only trains Σ_θ
-    L_ls     = ‖ε − ε_θ‖² over each sample's mouth box only
+    L_ls     = w_t ‖y − y_θ‖² over each sample's mouth box (+ margin) only
     L        = (1 − λ_vlb − λ_ls) L_simple + λ_vlb L_vlb + λ_ls L_ls
+
+Identity residual (dheads extension, `identity_residual`): the process
+runs on r = x₀ − identity; clipping and the decoder likelihood still act on
+x₀ = r + identity ∈ [-1, 1], through the `offset` argument below.
 
 This object is never changed after construction: respaced samplers build a
 new `GaussianDiffusion` from their own β (see samplers.py).
@@ -28,7 +37,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from dheads.model.config import BetaSchedule, DiffusionConfig
+from dheads.model.config import BetaSchedule, DiffusionConfig, Prediction, VarianceType
 
 
 def cosine_alpha_bar(t: float, s: float = 0.008) -> float:
@@ -75,10 +84,11 @@ def discretized_gaussian_log_likelihood(x, means, log_scales) -> torch.Tensor:
                        torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
 
 
-def mouth_mask(mouth_box: torch.Tensor, height: int, width: int) -> torch.Tensor:
+def mouth_mask(mouth_box: torch.Tensor, height: int, width: int, margin: float = 0.0) -> torch.Tensor:
     """`[B, 4]` boxes (x0, y0, x1, y1 in pixels) -> `[B, 1, H, W]` float mask
-    of the pixels the box overlaps."""
-    box = mouth_box.to(torch.float32)
+    of the pixels the box, grown by `margin` pixels on every side, overlaps."""
+    box = mouth_box.to(torch.float32) + torch.tensor([-margin, -margin, margin, margin],
+                                                     device=mouth_box.device)
     xs = torch.arange(width, device=box.device, dtype=torch.float32)
     ys = torch.arange(height, device=box.device, dtype=torch.float32)
     in_x = (xs[None] + 1 > box[:, 0:1]) & (xs[None] < box[:, 2:3])  # [B, W]
@@ -113,6 +123,9 @@ class GaussianDiffusion:
         self.posterior_log_variance_clipped = t64(
             np.log(np.append(post_var[1], post_var[1:])) if len(b) > 1 else np.log(b))
         self.log_betas = t64(np.log(b))
+        # fixed_large: β_t, with β̃_1 at t = 0 (guided-diffusion: a better decoder L_0)
+        self.log_betas_large = t64(np.log(np.append(post_var[1], b[1:])) if len(b) > 1 else np.log(b))
+        self.snr = t64(ac / (1.0 - ac))
         self.posterior_mean_coef1 = t64(b * np.sqrt(ac_prev) / (1.0 - ac))
         self.posterior_mean_coef2 = t64((1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac))
         self._on_device: dict = {}
@@ -150,70 +163,123 @@ class GaussianDiffusion:
         return ((self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - x0)
                 / self._extract("sqrt_recipm1_alphas_cumprod", t, x_t))
 
+    def predict_xstart(self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x̂₀ from the UNet's prediction of `cfg.prediction`."""
+        kind = Prediction(self.cfg.prediction)
+        if kind == Prediction.eps:
+            return self.predict_xstart_from_eps(x_t, t, pred)
+        if kind == Prediction.x0:
+            return pred
+        # v: x₀ = √ᾱ x_t − √(1−ᾱ) v
+        return (self._extract("sqrt_alphas_cumprod", t, x_t) * x_t
+                - self._extract("sqrt_one_minus_alphas_cumprod", t, x_t) * pred)
+
+    def prediction_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the UNet should output for x_t = q_sample(x0, t, noise)."""
+        kind = Prediction(self.cfg.prediction)
+        if kind == Prediction.eps:
+            return noise
+        if kind == Prediction.x0:
+            return x0
+        return (self._extract("sqrt_alphas_cumprod", t, x0) * noise
+                - self._extract("sqrt_one_minus_alphas_cumprod", t, x0) * x0)
+
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """`[B]` min-SNR-γ weights of the MSE on the prediction target
+        (Hang et al. 2023; ε: min(SNR, γ)/SNR, x₀: min(SNR, γ),
+        v: min(SNR, γ)/(SNR+1)); ones when γ = 0."""
+        gamma = float(self.cfg.min_snr_gamma)
+        if gamma <= 0:
+            return torch.ones(t.shape, device=t.device, dtype=torch.float32)
+        snr = self._extract("snr", t, torch.empty(0, dtype=torch.float64)).reshape(-1)
+        clipped = snr.clamp(max=gamma)
+        kind = Prediction(self.cfg.prediction)
+        if kind == Prediction.eps:
+            w = clipped / snr
+        elif kind == Prediction.x0:
+            w = clipped
+        else:
+            w = clipped / (snr + 1)
+        return w.to(torch.float32)
+
     def split_output(self, model_out: torch.Tensor):
-        """`[B, 6, H, W]` -> (ε [B,3,H,W], v [B,3,H,W] or None), at least
-        float32 (a bf16 UNet output is upcast before any schedule math)."""
+        """`[B, 6, H, W]` -> (prediction [B,3,H,W], v_Σ [B,3,H,W] or None), at
+        least float32 (a bf16 UNet output is upcast before any schedule math).
+        Fixed variances use the first 3 channels only."""
         model_out = model_out.to(torch.promote_types(model_out.dtype, torch.float32))
         if self.cfg.learn_sigma:
             return model_out.chunk(2, dim=1)
         return model_out[:, :3], None
 
     def p_mean_variance(self, model_out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
-                        clip_denoised: bool = True) -> dict:
+                        clip_denoised: bool = True, offset: Optional[torch.Tensor] = None) -> dict:
         """p_θ(x_{t−1} | x_t) from the model output: dict `mean`, `variance`,
-        `log_variance`, `pred_xstart`, `eps`. Without learned σ the variance is
-        the posterior's β̃_t."""
-        eps, v = self.split_output(model_out)
-        if v is None:
-            log_var = self._extract("posterior_log_variance_clipped", t, x_t).expand_as(x_t)
-        else:
+        `log_variance`, `pred_xstart`, `eps` (ε̂ consistent with the clipped
+        x̂₀). `offset` (identity residual): x̂₀ + offset is clipped to [-1, 1]."""
+        pred, v = self.split_output(model_out)
+        variance = VarianceType(self.cfg.variance)
+        if variance == VarianceType.learned_range:
             min_log = self._extract("posterior_log_variance_clipped", t, x_t)
             max_log = self._extract("log_betas", t, x_t)
             frac = (v + 1) / 2
             log_var = frac * max_log + (1 - frac) * min_log
-        x0 = self.predict_xstart_from_eps(x_t, t, eps)
+        elif variance == VarianceType.fixed_small:
+            log_var = self._extract("posterior_log_variance_clipped", t, x_t).expand_as(x_t)
+        else:
+            log_var = self._extract("log_betas_large", t, x_t).expand_as(x_t)
+        x0 = self.predict_xstart(pred, x_t, t)
         if clip_denoised:
-            x0 = x0.clamp(-1, 1)
+            x0 = x0.clamp(-1, 1) if offset is None else (x0 + offset).clamp(-1, 1) - offset
         mean, _, _ = self.q_posterior_mean_variance(x0, x_t, t)
         return dict(mean=mean, variance=torch.exp(log_var), log_variance=log_var,
-                    pred_xstart=x0, eps=eps)
+                    pred_xstart=x0, eps=self.predict_eps_from_xstart(x_t, t, x0))
 
     # -- losses --------------------------------------------------------------
     def vlb_terms(self, model_out: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor,
-                  t: torch.Tensor) -> torch.Tensor:
-        """Per-sample L_t in bits/dim: the KL at t > 0, the decoder NLL at t = 0."""
+                  t: torch.Tensor, offset: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Per-sample L_t in bits/dim: the KL at t > 0, the decoder NLL at t = 0
+        (of the 8-bit image x₀ + offset)."""
         true_mean, _, true_log_var = self.q_posterior_mean_variance(x0, x_t, t)
         out = self.p_mean_variance(model_out, x_t, t, clip_denoised=False)
         kl = mean_flat(normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"]))
+        shift = 0.0 if offset is None else offset
         nll = -mean_flat(discretized_gaussian_log_likelihood(
-            x0, means=out["mean"], log_scales=0.5 * out["log_variance"]))
+            x0 + shift, means=out["mean"] + shift, log_scales=0.5 * out["log_variance"]))
         return torch.where(t == 0, nll, kl) / math.log(2.0)
 
     def training_losses(self, model: Callable, x0: torch.Tensor, cond: dict,
                         mouth_box: torch.Tensor, t: Optional[torch.Tensor] = None,
                         noise: Optional[torch.Tensor] = None) -> dict:
         """Diffused Heads loss for a batch. `x0` [B,3,H,W] in [-1,1];
-        `cond = dict(identity=[B,3,H,W], motion=[B,2,H,W], audio=[B,W,*feat])`;
-        `mouth_box` [B,4] pixels. Returns `[B]` tensors `loss`, `mse`, `vlb`, `ls`."""
+        `cond = dict(identity=[B,3,H,W], motion=[B,2,H,W], audio=[B,W,*feat]
+        [, motion_sigma=[B]])`; `mouth_box` [B,4] pixels. Returns `[B]`
+        tensors `loss`, `mse` (the weighted L_simple), `vlb`, `ls`."""
         b = x0.shape[0]
         if t is None:
             t = torch.randint(0, self.num_timesteps, (b,), device=x0.device)
         if noise is None:
             noise = torch.randn_like(x0)
-        x_t = self.q_sample(x0, t, noise)
-        model_out = model(x_t, t, cond["identity"], cond["motion"], cond["audio"])
-        eps, v = self.split_output(model_out)
-        sq = (noise - eps) ** 2
-        mse = mean_flat(sq)
-        mask = mouth_mask(mouth_box.to(x0.device), x0.shape[-2], x0.shape[-1]).to(sq.dtype)
+        offset = cond["identity"] if self.cfg.identity_residual else None
+        data = x0 if offset is None else x0 - offset
+        x_t = self.q_sample(data, t, noise)
+        sigma = cond.get("motion_sigma")
+        extra = {} if sigma is None else {"motion_sigma": sigma}
+        model_out = model(x_t, t, cond["identity"], cond["motion"], cond["audio"], **extra)
+        pred, v = self.split_output(model_out)
+        weight = self.loss_weight(t).to(pred.dtype)
+        sq = (self.prediction_target(data, noise, t) - pred) ** 2
+        mse = weight * mean_flat(sq)
+        margin = self.cfg.mouth_margin * x0.shape[-1]
+        mask = mouth_mask(mouth_box.to(x0.device), x0.shape[-2], x0.shape[-1], margin).to(sq.dtype)
         area = mask.sum(dim=(1, 2, 3)) * sq.shape[1]
-        ls = (sq * mask).sum(dim=(1, 2, 3)) / area.clamp(min=1.0)
+        ls = weight * (sq * mask).sum(dim=(1, 2, 3)) / area.clamp(min=1.0)
         if v is None:
             vlb = torch.zeros_like(mse)
         else:
             # stop-gradient on the mean: L_vlb trains only the variance
-            frozen = torch.cat([eps.detach(), v], dim=1)
-            vlb = self.vlb_terms(frozen, x0, x_t, t)
-        lam_vlb, lam_ls = self.cfg.lambda_vlb, self.cfg.lambda_ls
+            frozen = torch.cat([pred.detach(), v], dim=1)
+            vlb = self.vlb_terms(frozen, data, x_t, t, offset)
+        lam_vlb = self.cfg.lambda_vlb if v is not None else 0.0
+        lam_ls = self.cfg.lambda_ls
         loss = (1.0 - lam_vlb - lam_ls) * mse + lam_vlb * vlb + lam_ls * ls
         return dict(loss=loss, mse=mse, vlb=vlb, ls=ls)

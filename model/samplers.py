@@ -25,16 +25,27 @@ from dheads.model.diffusion import GaussianDiffusion
 
 
 def space_timesteps(num_steps: int, spec: str) -> list[int]:
-    """Timesteps to keep, sorted (guided-diffusion semantics).
+    """Timesteps to keep, sorted.
 
-    `"ddimN"`: the stride i such that range(0, num_steps, i) has exactly N
-    elements (DDIM paper's uniform spacing). `"10,15,20"`: split the process
-    into equal sections and take that many evenly spaced (rounded) steps from
-    each. `"100"`: one section. `""`: all steps.
+    `"trailingN"`: N steps evenly spaced down from T−1 (round(T − i·T/N) − 1,
+    i = 0..N−1; "trailing" spacing, Lin et al. 2024): sampling starts at
+    the last training step, where x_T is pure noise as it was in training.
+    `"ddimN"` (guided-diffusion / DDIM paper): range(0, T, stride) with
+    exactly N elements; it starts at T − stride (950 for N = 20), where
+    training still saw √ᾱ ≈ 0.08 of the image, not at T−1.
+    `"10,15,20"`: split the process into equal sections and take that many
+    evenly spaced (rounded) steps from each, ends included (so T−1 too).
+    `"100"`: one section. `""`: all steps.
     """
     spec = spec.strip()
     if not spec:
         return list(range(num_steps))
+    if spec.startswith("trailing"):
+        desired = int(spec[len("trailing"):])
+        if not 0 < desired <= num_steps:
+            raise ValueError(f"cannot take {desired} trailing steps from {num_steps}")
+        steps = np.round(np.arange(num_steps, 0, -num_steps / desired)).astype(int) - 1
+        return sorted(set(int(s) for s in steps))
     if spec.startswith("ddim"):
         desired = int(spec[len("ddim"):])
         for stride in range(1, num_steps):
@@ -95,24 +106,27 @@ class Sampler(abc.ABC):
         return torch.randn_like(x_t) if noise is None else noise
 
     def step(self, model_out: torch.Tensor, x_t: torch.Tensor, step_idx: torch.Tensor,
-             noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+             noise: Optional[torch.Tensor] = None,
+             offset: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x_{s_{k−1}} from x_{s_k} `[B, 3, H, W]` and the UNet output at
-        `model_timesteps(step_idx)`. Computed in (at least) float32, returned
-        in x_t's dtype."""
+        `model_timesteps(step_idx)`. `offset` `[B, 3, H, W]` (identity
+        residual): x̂₀ + offset is what is clipped to [-1, 1]. Computed in (at
+        least) float32, returned in x_t's dtype."""
         work = torch.promote_types(x_t.dtype, torch.float32)
         noise = None if noise is None else noise.to(work)
-        return self._step(model_out, x_t.to(work), step_idx, noise).to(x_t.dtype)
+        offset = None if offset is None else offset.to(work)
+        return self._step(model_out, x_t.to(work), step_idx, noise, offset).to(x_t.dtype)
 
     @abc.abstractmethod
-    def _step(self, model_out, x_t, step_idx, noise) -> torch.Tensor:
+    def _step(self, model_out, x_t, step_idx, noise, offset) -> torch.Tensor:
         """One reverse step in the working dtype (see `step`)."""
 
 
 class AncestralSampler(Sampler):
     """x_{t−1} = μ_θ(x_t, t) + σ_θ(x_t, t) z, z ~ N(0, I), no noise at the last step."""
 
-    def _step(self, model_out, x_t, step_idx, noise):
-        out = self.process.p_mean_variance(model_out, x_t, step_idx, self.clip_denoised)
+    def _step(self, model_out, x_t, step_idx, noise, offset):
+        out = self.process.p_mean_variance(model_out, x_t, step_idx, self.clip_denoised, offset)
         nonzero = (step_idx != 0).to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
         return out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * self._noise(x_t, noise)
 
@@ -127,10 +141,10 @@ class DDIMSampler(Sampler):
         self.eta = float(eta)
         self.needs_noise = self.eta > 0
 
-    def _step(self, model_out, x_t, step_idx, noise):
+    def _step(self, model_out, x_t, step_idx, noise, offset):
         p = self.process
-        out = p.p_mean_variance(model_out, x_t, step_idx, self.clip_denoised)
-        eps = p.predict_eps_from_xstart(x_t, step_idx, out["pred_xstart"])
+        out = p.p_mean_variance(model_out, x_t, step_idx, self.clip_denoised, offset)
+        eps = out["eps"]
         ab = p._extract("alphas_cumprod", step_idx, x_t)
         ab_prev = p._extract("alphas_cumprod_prev", step_idx, x_t)
         sigma = self.eta * torch.sqrt((1 - ab_prev) / (1 - ab)) * torch.sqrt(1 - ab / ab_prev)

@@ -16,6 +16,10 @@ pair of projections per ResBlock. Keeping the audio projections separate
 (instead of adding e_a to e_t) is what the official training config does and
 what reproduces its ≈204 M parameters.
 
+With `motion.embed_noise` (dheads extension) the σ of the noise added to
+the motion frames is embedded like the timestep (sinusoids of 1000 σ, an
+MLP) and added to the timestep embedding.
+
 The UNet never sees a β of the noise schedule: timesteps are integers.
 """
 from __future__ import annotations
@@ -130,7 +134,7 @@ class Stem(nn.Module):
 
 class DiffusedHeads(nn.Module):
     """`forward(x_t [B,3,H,W], t [B] long, identity [B,3,H,W], motion [B,2,H,W],
-    audio [B, 2 m_y + 1, *feature_shape]) -> [B, 6, H, W]`."""
+    audio [B, 2 m_y + 1, *feature_shape], motion_sigma [B] | None) -> [B, 6, H, W]`."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -138,6 +142,8 @@ class DiffusedHeads(nn.Module):
         mc, g, drop = cfg.model_channels, cfg.num_groups, cfg.dropout
         emb = 4 * mc
         self.time_embed = nn.Sequential(nn.Linear(mc, emb), nn.SiLU(), nn.Linear(emb, emb))
+        self.motion_noise_embed = (nn.Sequential(nn.Linear(mc, emb), nn.SiLU(), _zero(nn.Linear(emb, emb)))
+                                   if cfg.motion.embed_noise else None)
         self.audio_encoder = AudioEncoder(cfg.audio)
         self.audio_embed = nn.Sequential(
             nn.Linear(cfg.audio.window_frames * cfg.audio.embed_dim, emb), nn.SiLU(),
@@ -187,8 +193,13 @@ class DiffusedHeads(nn.Module):
         yield from self.output_blocks
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, identity: torch.Tensor,
-                motion: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+                motion: torch.Tensor, audio: torch.Tensor,
+                motion_sigma: torch.Tensor | None = None) -> torch.Tensor:
         t_emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(x_t.dtype))
+        if self.motion_noise_embed is not None:
+            sigma = torch.zeros_like(t, dtype=torch.float32) if motion_sigma is None else motion_sigma
+            t_emb = t_emb + self.motion_noise_embed(
+                timestep_embedding(sigma.float() * 1000.0, self.cfg.model_channels).to(x_t.dtype))
         a = self.audio_encoder(audio.to(x_t.dtype))  # [B, W, embed_dim]
         a_emb = self.audio_embed(a.reshape(a.shape[0], -1))
         h = torch.cat([x_t, identity, motion], dim=1)

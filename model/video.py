@@ -1,11 +1,9 @@
-"""The autoregressive frame loop: joins the UNet, the schedule and a sampler.
+"""Video-level helpers around the frame loop (`model/frameloop.py`).
 
-Frame k is denoised conditioned on the identity frame, the grayscale motion
-frames k−2 and k−1 (identity copies before the clip starts) and the audio
-window k−m_y … k+m_y (edge frames replicated). B clips advance together, so
-one denoising step is one batched UNet call. The building blocks
-(`motion_frames`, `clip_motion_frames`, `audio_windows`) are shared with the
-training data reader and the dubbing engine.
+`generate()` admits B clips into a `FrameLoop` and runs it to the end. The
+training reader builds the same conditioning from real frames with
+`clip_motion_frames` and `audio_windows` (clean motion frames; the noise
+augmentation is applied in the training step).
 """
 from __future__ import annotations
 
@@ -13,23 +11,8 @@ import torch
 from torch import nn
 
 from dheads.model.audio import AudioFeatures
-from dheads.model.diffusion import GaussianDiffusion
+from dheads.model.frameloop import GRAY, Clip, FrameLoop, grayscale, motion_frames
 from dheads.model.samplers import Sampler
-
-# ITU-R BT.601 luma, applied to [-1, 1] images
-GRAY = (0.299, 0.587, 0.114)
-
-
-def grayscale(img: torch.Tensor) -> torch.Tensor:
-    """`[..., 3, H, W]` -> `[..., 1, H, W]`."""
-    r, g, b = img.unbind(dim=-3)
-    return (GRAY[0] * r + GRAY[1] * g + GRAY[2] * b).unsqueeze(-3)
-
-
-def motion_frames(prev2: torch.Tensor, prev1: torch.Tensor) -> torch.Tensor:
-    """Frames k−2 and k−1 `[..., 3, H, W]` in [-1, 1] -> `[..., 2, H, W]`
-    (channel 0 = k−2, channel 1 = k−1)."""
-    return torch.cat([grayscale(prev2), grayscale(prev1)], dim=-3)
 
 
 def clip_motion_frames(frames: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
@@ -67,51 +50,36 @@ def audio_windows(features: torch.Tensor, k: int | torch.Tensor, context: int,
     return features[torch.arange(b, device=features.device)[:, None], idx]
 
 
-def _model_cfg(model: nn.Module):
-    cfg = getattr(model, "cfg", None) or getattr(getattr(model, "module", None), "cfg", None)
-    if cfg is None:
-        raise TypeError("generate() needs a DiffusedHeads model (with .cfg)")
-    return cfg
+def clip_seed(seed: int, index: int) -> int:
+    """The seed of clip `index` of a `generate(seed=...)` call."""
+    return int(seed) * 1_000_003 + int(index)
 
 
 @torch.no_grad()
-def generate(model: nn.Module, diffusion: GaussianDiffusion, sampler: Sampler,
-             identity: torch.Tensor, audio: torch.Tensor, n_frames: int,
-             seed: int = 0) -> torch.Tensor:
+def generate(model: nn.Module, sampler: Sampler, identity: torch.Tensor, audio: torch.Tensor,
+             n_frames: int, seed: int = 0) -> torch.Tensor:
     """Generate `n_frames` frames for B clips: `[B, T, 3, H, W]` in [-1, 1].
 
     `identity [B, 3, H, W]` in [-1, 1]; `audio [B, S]` 16 kHz mono (or
-    precomputed features `[B, T, *feature_shape]`). All randomness comes
-    from one `torch.Generator` seeded with `seed`, so equal inputs and seed
-    give equal frames. `diffusion` is the trained process the sampler was
-    made from; it is not changed.
+    precomputed features `[B, T, *feature_shape]`). Clip b is seeded with
+    `clip_seed(seed, b)` (its own generator in the frame loop), so equal
+    inputs and seed give equal frames, whatever the batch.
     """
-    del diffusion  # the sampler holds its (respaced) copy of the schedule
-    cfg = _model_cfg(model)
+    cfg = getattr(model, "cfg", None) or model.module.cfg
     device = identity.device
-    b = identity.shape[0]
     if audio.ndim == 2:
         features = AudioFeatures(cfg.audio)
-        feats = torch.stack([features(a.cpu(), n_frames) for a in audio]).to(device)
+        feats = torch.stack([features(a.cpu(), n_frames) for a in audio])
     else:
-        feats = audio.to(device)
+        feats = audio
         if feats.shape[1] < n_frames:
             raise ValueError(f"{feats.shape[1]} feature frames for {n_frames} video frames")
-    gen = torch.Generator(device=device).manual_seed(int(seed))
-    prev2 = prev1 = identity
-    frames = []
-    for k in range(n_frames):
-        motion = motion_frames(prev2, prev1)
-        window = audio_windows(feats, k, cfg.audio.context, dim=1)
-        x = torch.randn(identity.shape, generator=gen, device=device, dtype=identity.dtype)
-        for i in reversed(range(sampler.num_steps)):
-            idx = torch.full((b,), i, device=device, dtype=torch.long)
-            out = model(x, sampler.model_timesteps(idx), identity, motion, window)
-            noise = (torch.randn(x.shape, generator=gen, device=device, dtype=x.dtype)
-                     if sampler.needs_noise else None)
-            x = sampler.step(out, x, idx, noise)
-        x = x.clamp(-1, 1)
-        frames.append(x)
-        prev2, prev1 = prev1, x
-    return torch.stack(frames, dim=1)
+    loop = FrameLoop(model, sampler, capacity=identity.shape[0], device=device, dtype=identity.dtype)
+    for b in range(identity.shape[0]):
+        loop.admit(Clip(b, identity[b], feats[b], n_frames, seed=clip_seed(seed, b)))
+    out = loop.run()
+    return torch.stack([out[b] for b in range(identity.shape[0])])
 
+
+__all__ = ["generate", "clip_seed", "clip_motion_frames", "audio_windows", "window_indices",
+           "grayscale", "motion_frames", "GRAY"]

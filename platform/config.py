@@ -26,6 +26,17 @@ class ConfigError(ValueError):
     """A config that does not compose or does not validate."""
 
 
+class LRSchedule(str, Enum):
+    cosine = "cosine"      # linear warm-up, then cosine down to min_lr_ratio × lr
+    constant = "constant"  # linear warm-up, then constant
+
+
+class IdentitySource(str, Enum):
+    """Which frame of a training clip is the identity frame of a tuple."""
+    first = "first"    # frame 0 (how dubbing starts: the clip's first frame)
+    random = "random"  # a random frame other than the target (the official default)
+
+
 class FaceDetector(str, Enum):
     none = "none"  # frames are already face crops (like ../shared/benchmark)
     haar = "haar"  # OpenCV 4.x Haar cascade
@@ -60,6 +71,10 @@ class DataConfig:
     jpeg_quality: int = 95               # shard frame codec (see jobs/preprocess.py)
     shuffle_buffer: int = 2048
     frames_per_clip_epoch: int = 16      # training tuples drawn per clip per pass
+    identity_frame: IdentitySource = IdentitySource.first
+    # Joint colour jitter of identity, target and motion frames (one draw per
+    # tuple): per-channel gain in 1 ± s and offset in ± s/2 ([-1, 1] units). 0: off.
+    color_jitter: float = 0.0
     seed: int = 0
 
 
@@ -73,7 +88,8 @@ class TrainerConfig:
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_steps: int = 20
-    lr_schedule: str = "cosine"          # cosine | constant
+    lr_schedule: LRSchedule = LRSchedule.cosine
+    min_lr_ratio: float = 0.0            # the cosine ends at this fraction of lr
     grad_clip: float = 1.0
     ema_rate: float = 0.999
     checkpoint_every: int = 50
@@ -290,6 +306,6 @@ def to_yaml(cfg: Any) -> str:
 __all__ = [
     "AudioConfig", "ModelConfig", "DiffusionConfig", "SamplerConfig",
     "StorageConfig", "ClusterConfig", "DataConfig", "TrainerConfig", "DubConfig",
-    "ServeConfig", "AutoscalingConfig", "FaceDetector", "ConfigError",
+    "ServeConfig", "AutoscalingConfig", "FaceDetector", "ConfigError", "LRSchedule", "IdentitySource",
     "compose", "to_yaml", "JOB_SCHEMAS",
 ]

@@ -32,7 +32,6 @@ from typing import Any, Iterable, Optional
 import numpy as np
 import torch
 
-from dheads.model.video import grayscale
 from dheads.platform import storage
 from dheads.platform.config import DubConfig, FaceDetector, StorageConfig
 from dheads.platform.media import IMAGE_EXTS, MediaError, read_audio, read_image, read_video, write_video
@@ -285,45 +284,32 @@ class EngineStats:
         return out
 
 
-@dataclass
-class _Slot:
-    segment: Segment
-    features: torch.Tensor      # [n_frames + 2 PAD, *feat_shape]
-    generator: torch.Generator
-    frames: list = field(default_factory=list)
-    k: int = 0                  # frame being generated
-
-
 class ContinuousBatcher:
-    """A slot pool of `batch_size` segments advanced by batched DDIM steps.
+    """The dubbing engine: a queue of segments over the model's `FrameLoop`.
 
-    State lives in slot-major tensors (`x_t`, identity, motion, audio windows,
-    step index), so a step with every slot busy runs the UNet on them without
-    any copy; per-slot Python work happens only when a slot finishes a frame.
-    Not thread-safe: one thread calls `add`/`step` (see `BackgroundBatcher`).
+    Its admission policy: whenever a slot is free, the next queued segment
+    takes it (first come, first served), so one UNet call advances every
+    active segment, each at its own frame and step. Not thread-safe: one
+    thread calls `add` / `step` (see `BackgroundBatcher`).
     """
 
     def __init__(self, model: torch.nn.Module, sampler: Any, audio_cfg: Any, image_size: int,
                  batch_size: int, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32):
-        from dheads.model.audio import AudioFeatures, feature_shape
+        from dheads.model.audio import AudioFeatures
+        from dheads.model.frameloop import FrameLoop
 
-        self.model, self.sampler = model.eval(), sampler
-        self.device, self.dtype = torch.device(device), dtype
-        self.size, self.image_size = batch_size, image_size
         self.context = int(audio_cfg.context)
         if self.context > PAD_FRAMES - 2:
             raise ValueError(f"audio context {self.context} needs PAD_FRAMES >= {self.context + 2}")
+        self.loop = FrameLoop(model, sampler, batch_size, device=device, dtype=dtype)
+        self.loop.profile = self.loop.device.type == "cpu"  # UNet time for the stats; free on CPU
         self.features = AudioFeatures(audio_cfg)
-        n, h = batch_size, image_size
-        zeros = lambda *shape: torch.zeros(*shape, device=self.device, dtype=dtype)  # noqa: E731
-        self.x_t = zeros(n, 3, h, h)
-        self.identity = zeros(n, 3, h, h)
-        self.motion = zeros(n, 2, h, h)
-        self.audio = zeros(n, 2 * self.context + 1, *feature_shape(audio_cfg))
-        self.step_idx = torch.zeros(n, dtype=torch.long, device=self.device)
-        self.slots: list[Optional[_Slot]] = [None] * n
+        self.size, self.image_size = batch_size, image_size
+        self.device, self.dtype = self.loop.device, dtype
         self.queue: collections.deque[Segment] = collections.deque()
+        self._running: dict[int, Segment] = {}
+        self._next_key = 0
         self.stats = EngineStats()
 
     # -- queue
@@ -332,83 +318,53 @@ class ContinuousBatcher:
 
     @property
     def busy(self) -> bool:
-        return bool(self.queue) or any(s is not None for s in self.slots)
+        return bool(self.queue) or self.loop.active > 0
 
     @property
     def active(self) -> int:
-        return sum(s is not None for s in self.slots)
+        return self.loop.active
 
-    # -- slots
+    def in_flight(self) -> list[Segment]:
+        """The segments in the slots now."""
+        return [self._running[k] for k in self.loop.keys]
+
+    def reset(self) -> None:
+        """Drop every segment in the slots (after a failed batch)."""
+        for key in list(self.loop.keys):
+            self.loop.cancel(key)
+        self._running.clear()
+
     def _admit(self) -> None:
-        for i in range(self.size):
-            if self.slots[i] is None and self.queue:
-                seg = self.queue.popleft()
-                feats = self.features(seg.audio, seg.n_frames + 2 * PAD_FRAMES)
-                gen = torch.Generator(device=self.device).manual_seed(int(seg.seed) & 0x7FFFFFFF)
-                ident = torch.from_numpy(np.array(seg.identity, np.uint8)).permute(2, 0, 1)
-                ident = ident.to(self.device, self.dtype) / 127.5 - 1.0
-                self.identity[i] = ident
-                self.motion[i] = grayscale(ident)  # both previous frames = identity; [1,H,W] broadcasts
-                self.slots[i] = _Slot(seg, feats.to(self.device, self.dtype), gen)
-                self._start_frame(i)
+        from dheads.model.frameloop import Clip
 
-    def _start_frame(self, i: int) -> None:
-        slot = self.slots[i]
-        seg, c = slot.segment, self.context
-        # as `model.video.audio_windows`: indices clamp at the item's ends
-        frames = (seg.start + slot.k + torch.arange(-c, c + 1)).clamp(0, seg.item_frames - 1)
-        self.audio[i] = slot.features[frames - seg.start + PAD_FRAMES]
-        self.x_t[i] = torch.randn(self.x_t.shape[1:], generator=slot.generator,
-                                  device=self.device, dtype=self.dtype)
-        self.step_idx[i] = self.sampler.num_steps - 1
+        while self.loop.free and self.queue:
+            seg = self.queue.popleft()
+            feats = self.features(seg.audio, seg.n_frames + 2 * PAD_FRAMES)
+            ident = torch.from_numpy(np.array(seg.identity, np.uint8)).permute(2, 0, 1)
+            key, self._next_key = self._next_key, self._next_key + 1
+            self._running[key] = seg
+            # windows clamp at the item's ends, not the segment's (see PAD_FRAMES)
+            self.loop.admit(Clip(key, ident.float() / 127.5 - 1.0, feats, seg.n_frames, seed=seg.seed,
+                                 row_of_frame0=PAD_FRAMES, frame_lo=-seg.start,
+                                 frame_hi=seg.item_frames - 1 - seg.start))
 
-    def _finish_frame(self, i: int, frame: torch.Tensor) -> Optional[tuple[Segment, np.ndarray]]:
-        slot = self.slots[i]
-        slot.frames.append(((frame.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
-        self.motion[i, 0] = self.motion[i, 1]
-        self.motion[i, 1] = grayscale(frame)[0]
-        slot.k += 1
-        self.stats.frames += 1
-        if slot.k < slot.segment.n_frames:
-            self._start_frame(i)
-            return None
-        self.slots[i] = None
-        self.stats.segments += 1
-        video = torch.stack(slot.frames).permute(0, 2, 3, 1).cpu().numpy()
-        return slot.segment, video
-
-    # -- one batched DDIM step
-    @torch.inference_mode()
+    # -- one batched denoising step
     def step(self) -> list[tuple[Segment, np.ndarray]]:
-        """Admit queued segments, run one UNet call over all active slots and
-        one sampler step; returns the segments that finished `[(segment,
-        frames [T, H, W, 3] uint8)]`."""
+        """Admit queued segments, run one batched step over all active slots;
+        returns the segments that finished `[(segment, frames [T, H, W, 3] uint8)]`."""
         t0, c0 = time.perf_counter(), time.thread_time()
         self._admit()
-        busy = [i for i, s in enumerate(self.slots) if s is not None]
-        if not busy:
+        active = self.loop.active
+        if not active:
             return []
-        full = len(busy) == self.size
-        idx = slice(None) if full else torch.tensor(busy, device=self.device)
-        x_t, step_idx = self.x_t[idx], self.step_idx[idx].clone()  # a view when full
-        t = self.sampler.model_timesteps(step_idx)
-        t1 = time.perf_counter()
-        out = self.model(x_t, t, self.identity[idx], self.motion[idx], self.audio[idx])
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.stats.unet_s += time.perf_counter() - t1
-        x_prev = self.sampler.step(out, x_t, step_idx, None)
-        self.x_t[idx] = x_prev.to(self.dtype)
-        self.step_idx[idx] = step_idx - 1
-        finished = []
-        done = (step_idx == 0).nonzero().flatten().tolist()
-        for j in done:
-            i = busy[j]
-            result = self._finish_frame(i, x_prev[j])
-            if result is not None:
-                finished.append(result)
-        self.stats.steps += 1
-        self.stats.batch_sizes[len(busy)] += 1
+        calls, done = self.loop.unet_calls, self.loop.frames_done
+        finished = [(self._running.pop(key), to_uint8(frames))
+                    for key, frames in self.loop.step()]
+        self.stats.steps += self.loop.unet_calls - calls
+        self.stats.frames += self.loop.frames_done - done
+        self.stats.segments += len(finished)
+        self.stats.batch_sizes[active] += 1
+        self.stats.unet_s += self.loop.unet_s_last
         self.stats.wall_s += time.perf_counter() - t0
         self.stats.cpu_s += time.thread_time() - c0
         return finished
@@ -422,6 +378,12 @@ class ContinuousBatcher:
             for seg, frames in self.step():
                 out[seg.key] = frames
         return out
+
+
+def to_uint8(frames: torch.Tensor) -> np.ndarray:
+    """`[T, 3, H, W]` in [-1, 1] -> `[T, H, W, 3]` uint8."""
+    return ((frames.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8) \
+        .permute(0, 2, 3, 1).cpu().numpy()
 
 
 class BackgroundBatcher:
@@ -469,11 +431,10 @@ class BackgroundBatcher:
             try:
                 finished = self.engine.step()
             except Exception as e:  # a broken batch fails its segments, never the loop
-                for slot in self.engine.slots:
-                    if slot is not None:
-                        with contextlib.suppress(KeyError):
-                            self._futures.pop(id(slot.segment)).set_exception(e)
-                self.engine.slots = [None] * self.engine.size
+                for seg in self.engine.in_flight():
+                    with contextlib.suppress(KeyError):
+                        self._futures.pop(id(seg)).set_exception(e)
+                self.engine.reset()
                 continue
             for seg, frames in finished:
                 self._futures.pop(id(seg)).set_result(frames)

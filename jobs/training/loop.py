@@ -28,7 +28,9 @@ from torch.distributed.tensor import DTensor
 
 from dheads.jobs.training.ema import EMA
 from dheads.jobs.training.schedule import learning_rate
+from dheads.model.config import MotionConfig
 from dheads.model.diffusion import GaussianDiffusion
+from dheads.model.frameloop import noisy_motion
 from dheads.platform import storage
 from dheads.platform.checkpointing import Checkpointer, Progress, TrainingState
 from dheads.platform.config import DataConfig, TrainJob
@@ -48,17 +50,25 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device) -> tor
 
 def train_step(model: nn.Module, diffusion: GaussianDiffusion, optimizer: torch.optim.Optimizer,
                batch: dict[str, torch.Tensor], lr: float, grad_clip: float,
-               generator: torch.Generator) -> dict[str, torch.Tensor]:
+               generator: torch.Generator, motion: MotionConfig | None = None) -> dict[str, torch.Tensor]:
     """One optimizer step on `batch` (this rank's part of the global batch).
 
-    Returns this rank's mean losses (`loss`, `loss_simple`, `loss_vlb`,
-    `loss_ls`) and the global gradient norm before clipping.
+    With `motion.train_noise_max` > 0 the motion frames get Gaussian noise of
+    σ ~ U(0, max) per sample (drawn, like t and the diffusion noise, from
+    `generator`). Returns this rank's mean losses (`loss`, `loss_simple`,
+    `loss_vlb`, `loss_ls`) and the global gradient norm before clipping.
     """
     x0 = batch["target"]
     b = x0.shape[0]
     t = torch.randint(0, diffusion.num_timesteps, (b,), generator=generator, device=x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     cond = {"identity": batch["identity"], "motion": batch["motion"], "audio": batch["audio"]}
+    if motion is not None and motion.train_noise_max > 0:
+        sigma = torch.rand(b, generator=generator, device=x0.device) * motion.train_noise_max
+        z = torch.randn(cond["motion"].shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        cond["motion"] = noisy_motion(cond["motion"], sigma, z)
+        if motion.embed_noise:
+            cond["motion_sigma"] = sigma
     losses = diffusion.training_losses(model, x0, cond, batch["mouth_box"], t=t, noise=noise)
     loss = losses["loss"].mean()
     for group in optimizer.param_groups:
@@ -181,10 +191,10 @@ def train_loop_per_worker(config: dict) -> None:
         batch = to_model_batch(next(batches), device)
         data_s = time.perf_counter() - t_data
         step = progress.step
-        lr = learning_rate(step, tc.lr, tc.warmup_steps, tc.steps, tc.lr_schedule)
+        lr = learning_rate(step, tc.lr, tc.warmup_steps, tc.steps, tc.lr_schedule, tc.min_lr_ratio)
         t0 = time.perf_counter()
         out = train_step(model, diffusion, optimizer, batch, lr, tc.grad_clip,
-                         step_generator(tc.seed, step, rank, device))
+                         step_generator(tc.seed, step, rank, device), job.model.motion)
         ema.update(step)
         progress.step += 1
         metrics = global_mean(out, world)

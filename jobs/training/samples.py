@@ -68,7 +68,7 @@ def write_samples(model: torch.nn.Module, diffusion_cfg: DiffusionConfig, sample
     out = []
     for clip in clips:
         t = clip.frames.shape[0]
-        video = generate(model, diffusion, sampler, clip.frames[:1].to(device),
+        video = generate(model, sampler, clip.frames[:1].to(device),
                          clip.audio[None].to(device), t, seed=seed)[0]
         side_by_side = np.concatenate([to_uint8(video), to_uint8(clip.frames)], axis=2)
         with tempfile.TemporaryDirectory() as tmp:

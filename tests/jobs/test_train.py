@@ -117,7 +117,7 @@ def test_exported_ema_weights_load_into_generate(run_a, tmp_path):
     diffusion = GaussianDiffusion(at_end.diffusion_cfg)
     sampler = make_sampler(diffusion, SamplerConfig(steps="ddim2"))
     identity = torch.rand(1, 3, 32, 32) * 2 - 1
-    video = generate(at_end.model, diffusion, sampler, identity, torch.zeros(1, 2 * 640), 2, seed=0)
+    video = generate(at_end.model, sampler, identity, torch.zeros(1, 2 * 640), 2, seed=0)
     assert video.shape == (1, 2, 3, 32, 32) and torch.isfinite(video).all()
 
 

@@ -23,22 +23,22 @@ def setup(load_preset, randomise):
 
 def test_generate_shape_range_and_seed(setup):
     model, diffusion, sampler, identity, audio = setup
-    a = generate(model, diffusion, sampler, identity, audio, n_frames=2, seed=7)
+    a = generate(model, sampler, identity, audio, n_frames=2, seed=7)
     assert a.shape == (2, 2, 3, 64, 64)
     assert a.min() >= -1 and a.max() <= 1 and a.std() > 0.05
-    b = generate(model, diffusion, sampler, identity, audio, n_frames=2, seed=7)
+    b = generate(model, sampler, identity, audio, n_frames=2, seed=7)
     assert torch.equal(a, b)
-    c = generate(model, diffusion, sampler, identity, audio, n_frames=2, seed=8)
+    c = generate(model, sampler, identity, audio, n_frames=2, seed=8)
     assert (a - c).abs().max() > 1e-3
 
 
 def test_audio_around_frame_k_changes_frame_k(setup):
     model, diffusion, sampler, identity, audio = setup
     n, k = 7, 6
-    base = generate(model, diffusion, sampler, identity, audio, n_frames=n, seed=3)
+    base = generate(model, sampler, identity, audio, n_frames=n, seed=3)
     changed_audio = audio.clone()
     changed_audio[0, 640 * k:640 * (k + 1)] = 0.5 * torch.sin(torch.arange(640) * 0.3)
-    changed = generate(model, diffusion, sampler, identity, changed_audio, n_frames=n, seed=3)
+    changed = generate(model, sampler, identity, changed_audio, n_frames=n, seed=3)
     diff = (base - changed).abs().amax(dim=(2, 3, 4))  # [B, T]
     assert diff[0, k] > 1e-3
     # samples of frame k reach feature windows k−3 … k+3 (0.2 s + the 25 ms FFT),
