@@ -56,7 +56,8 @@ def pin_paths(cfg: TrainJob) -> TrainJob:
     def pin(uri: str | None) -> str | None:
         return uri if uri is None or storage.is_s3(uri) else str(storage.resolve(uri)[1])
 
-    cfg = replace(cfg, val=pin(cfg.val), data=replace(cfg.data, shards=pin(cfg.data.shards)),
+    cfg = replace(cfg, val=pin(cfg.val),
+                  data=replace(cfg.data, shards=pin(cfg.data.shards), source=pin(cfg.data.source)),
                   trainer=replace(cfg.trainer, storage_path=pin(cfg.trainer.storage_path)))
     if cfg.trainer.sample_every > 0 and cfg.val and \
             not storage.list_files(cfg.val, media.VIDEO_EXTS, cfg.storage):
@@ -65,20 +66,50 @@ def pin_paths(cfg: TrainJob) -> TrainJob:
     return cfg
 
 
+def ensure_shards(cfg: TrainJob) -> None:
+    """Shards at `data.shards`, preprocessed first from `data.source` (a
+    folder or prefix of videos) when there are none yet: a recipe is then one
+    command. Without a source, no shards is a clear error before Ray starts."""
+    from dheads.jobs import preprocess
+    from dheads.jobs.reader import shard_uris
+    from dheads.platform import storage
+    from dheads.platform.config import PreprocessJob
+    from dheads.platform.errors import UserError
+
+    try:
+        shard_uris(cfg.data.shards, cfg.storage)
+        return
+    except FileNotFoundError:
+        if not cfg.data.source:
+            raise
+    tasks = preprocess.list_clips(cfg.data.source, cfg.storage)
+    if not tasks:
+        raise UserError(f"data.source={cfg.data.source}: no videos there to preprocess")
+    job = PreprocessJob(input=cfg.data.source, output=cfg.data.shards, model=cfg.model, data=cfg.data,
+                        storage=cfg.storage, cluster=cfg.cluster)
+    print(f"[train] no shards at {cfg.data.shards}: preprocessing {len(tasks)} clips of "
+          f"{cfg.data.source} first", flush=True)
+    summary = preprocess.preprocess(job, tasks=tasks)
+    print(summary.line(), flush=True)
+    if not summary.ok:
+        raise UserError(f"data.source={cfg.data.source}: no clip could be preprocessed "
+                        f"(see {storage.join(cfg.data.shards, 'errors.parquet')})")
+
+
 def run(cfg: TrainJob) -> int:
     import ray.data
 
-    from dheads.jobs.reader import TENSOR_COLUMNS, training_dataset
+    from dheads.jobs.reader import TENSOR_COLUMNS, shard_uris, training_dataset
     from dheads.jobs.training.loop import run_folder
     from dheads.platform.cluster import connect
 
-    from dheads.jobs.reader import shard_uris
-
     cfg = pin_paths(cfg)
-    shard_uris(cfg.data.shards, cfg.storage)  # none there: a clear error before Ray starts
+    if not cfg.data.source:
+        shard_uris(cfg.data.shards, cfg.storage)  # none there: a clear error before Ray starts
     tc = cfg.trainer
     # workers' CPUs + room for the Ray Data tasks that feed them
     connect(cfg.cluster, cfg.storage, min_cpus=tc.num_workers * tc.cpus_per_worker + 2)
+    ensure_shards(cfg)
     ray.data.DataContext.get_current().enable_progress_bars = False  # one log line per step is enough
     # Only tensor columns travel to the workers (clip_id is a string).
     dataset = training_dataset(cfg.data.shards, cfg.model, cfg.data, cfg.storage) \

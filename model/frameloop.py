@@ -99,7 +99,8 @@ class FrameLoop:
     """
 
     def __init__(self, model: nn.Module, sampler: Sampler, capacity: int,
-                 device: str | torch.device | None = None, dtype: torch.dtype = torch.float32):
+                 device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
+                 autocast: torch.dtype | None = None):
         cfg = getattr(model, "cfg", None) or getattr(getattr(model, "module", None), "cfg", None)
         if cfg is None:
             raise TypeError("FrameLoop needs a DiffusedHeads model (with .cfg)")
@@ -109,6 +110,9 @@ class FrameLoop:
         self.residual = bool(sampler.process.cfg.identity_residual)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.dtype, self.capacity = dtype, int(capacity)
+        # the UNet call under autocast (e.g. bf16 on a CPU with AVX512-BF16);
+        # the sampler's schedule math stays in float32 or better
+        self.autocast = autocast
         self.context = int(cfg.audio.context)
         n, h = self.capacity, cfg.image_size
         zeros = lambda *shape: torch.zeros(*shape, device=self.device, dtype=dtype)  # noqa: E731
@@ -211,8 +215,10 @@ class FrameLoop:
         x_t, step_idx = self.x_t[idx], self.step_idx[idx].clone()  # views when every slot is busy
         extra = {"motion_sigma": self.sigma[idx]} if self.cfg.motion.embed_noise else {}
         t0 = time.perf_counter() if self.profile else 0.0
-        out = self.model(x_t, self.sampler.model_timesteps(step_idx), self.identity[idx],
-                         self.motion_in[idx], self.audio[idx], **extra)
+        with torch.autocast(self.device.type, self.autocast or torch.bfloat16,
+                            enabled=self.autocast is not None):
+            out = self.model(x_t, self.sampler.model_timesteps(step_idx), self.identity[idx],
+                             self.motion_in[idx], self.audio[idx], **extra)
         if self.profile:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)

@@ -118,13 +118,15 @@ def evaluate(generated_uri: str, reference_uri: str, out_uri: str,
     work = Path(out_uri) if out_local else Path(tempfile.mkdtemp(prefix="dheads-eval-"))
     work.mkdir(parents=True, exist_ok=True)
     scores: dict[str, ClipScore] = {}
+    floors: dict[str, ClipScore] = {}
     strips: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     videos: dict[str, dict[str, str]] = {}
     failed: dict[str, str] = {}  # stem -> why it could not be scored
     try:
         for i, pair in enumerate(pairs):
             try:
-                score, videos[pair.stem], strip = _score_pair(pair, work, out_local, cfg, fps, max_lag, report)
+                score, floors[pair.stem], videos[pair.stem], strip = _score_pair(
+                    pair, work, out_local, cfg, fps, max_lag, report)
             except MediaError as e:
                 failed[pair.stem] = str(e)
                 log(f"[eval] {i + 1}/{len(pairs)} {pair.stem}: skipped, {e}")
@@ -139,6 +141,9 @@ def evaluate(generated_uri: str, reference_uri: str, out_uri: str,
         averages["failed_clips"] = len(failed)
         doc = {
             "averages": averages,
+            # the identity frame held still with the real audio: what a model
+            # must beat (face quality it can reach for free, and no motion)
+            "floor": average(floors),
             "clips": {k: s.metrics for k, s in scores.items()},
             "unavailable": UNAVAILABLE,
             "unmatched": unmatched,
@@ -159,9 +164,10 @@ def evaluate(generated_uri: str, reference_uri: str, out_uri: str,
 
 
 def _score_pair(pair: ClipPair, work: Path, out_local: bool, cfg: StorageConfig, fps: float,
-                max_lag: int, report: bool) -> tuple[ClipScore, dict, tuple | None]:
-    """Read and score one pair; also the report's links to its mp4s (relative:
-    local sources are linked in place, others copied under `work/videos/`)."""
+                max_lag: int, report: bool) -> tuple[ClipScore, ClipScore, dict, tuple | None]:
+    """Read and score one pair, and the still-identity floor of its reference;
+    also the report's links to its mp4s (relative: local sources are linked
+    in place, others copied under `work/videos/`)."""
     links, arrays = {}, []
     for side, uri in (("generated", pair.generated), ("reference", pair.reference)):
         copy = None
@@ -177,8 +183,9 @@ def _score_pair(pair: ClipPair, work: Path, out_local: bool, cfg: StorageConfig,
     gen, ref = arrays
     truth = GroundTruth.from_json(json.loads(store.read_bytes(pair.truth, cfg))) if pair.truth else None
     score = score_clip(gen, ref, fps=fps, truth=truth, max_lag=max_lag)
+    floor = score_clip(np.repeat(ref[:1], len(ref), axis=0), ref, fps=fps, truth=truth, max_lag=max_lag)
     # keep only what the report draws, not whole clips
-    return score, links, (_report_frames(gen, ref, score) if report else None)
+    return score, floor, links, (_report_frames(gen, ref, score) if report else None)
 
 
 def _report_frames(gen: np.ndarray, ref: np.ndarray, s: ClipScore) -> tuple[np.ndarray, np.ndarray]:

@@ -63,6 +63,7 @@ table{border-collapse:collapse;margin:0.5em 0;font-size:0.85em}
 th,td{border:1px solid #bbb;padding:3px 6px;text-align:right}
 th:first-child,td:first-child{text-align:left}
 tr.avg td{font-weight:bold;background:#eef}
+tr.floor td{font-style:italic;background:#f6f6f6}
 .clip{border-top:2px solid #ccc;margin-top:1.5em;padding-top:0.5em}
 img{max-width:100%;image-rendering:pixelated}
 dt{font-weight:bold;margin-top:0.4em}
@@ -160,6 +161,8 @@ def write_report(folder: Path, doc: dict, scores: dict, strips: dict, videos: di
         return f'<tr class="{cls}"><td>{name}</td>{cells}</tr>'
 
     rows = [row("average", doc["averages"], "avg")]
+    if doc.get("floor"):
+        rows.append(row("floor: identity frame held still", doc["floor"], "floor"))
     sections = []
     for stem, score in scores.items():
         frames_png, curves_png = f"img/{stem}_frames.png", f"img/{stem}_curves.png"

@@ -50,13 +50,16 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device) -> tor
 
 def train_step(model: nn.Module, diffusion: GaussianDiffusion, optimizer: torch.optim.Optimizer,
                batch: dict[str, torch.Tensor], lr: float, grad_clip: float,
-               generator: torch.Generator, motion: MotionConfig | None = None) -> dict[str, torch.Tensor]:
+               generator: torch.Generator, motion: MotionConfig | None = None,
+               cpu_bf16: bool = False) -> dict[str, torch.Tensor]:
     """One optimizer step on `batch` (this rank's part of the global batch).
 
     With `motion.train_noise_max` > 0 the motion frames get Gaussian noise of
     σ ~ U(0, max) per sample (drawn, like t and the diffusion noise, from
     `generator`). Returns this rank's mean losses (`loss`, `loss_simple`,
     `loss_vlb`, `loss_ls`) and the global gradient norm before clipping.
+    `cpu_bf16`: forward and loss under bf16 autocast on a CPU (weights,
+    gradients and the optimizer stay fp32; the loss math is upcast).
     """
     x0 = batch["target"]
     b = x0.shape[0]
@@ -69,7 +72,8 @@ def train_step(model: nn.Module, diffusion: GaussianDiffusion, optimizer: torch.
         cond["motion"] = noisy_motion(cond["motion"], sigma, z)
         if motion.embed_noise:
             cond["motion_sigma"] = sigma
-    losses = diffusion.training_losses(model, x0, cond, batch["mouth_box"], t=t, noise=noise)
+    with torch.autocast("cpu", torch.bfloat16, enabled=cpu_bf16 and x0.device.type == "cpu"):
+        losses = diffusion.training_losses(model, x0, cond, batch["mouth_box"], t=t, noise=noise)
     loss = losses["loss"].mean()
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -194,7 +198,7 @@ def train_loop_per_worker(config: dict) -> None:
         lr = learning_rate(step, tc.lr, tc.warmup_steps, tc.steps, tc.lr_schedule, tc.min_lr_ratio)
         t0 = time.perf_counter()
         out = train_step(model, diffusion, optimizer, batch, lr, tc.grad_clip,
-                         step_generator(tc.seed, step, rank, device), job.model.motion)
+                         step_generator(tc.seed, step, rank, device), job.model.motion, tc.cpu_bf16)
         ema.update(step)
         progress.step += 1
         metrics = global_mean(out, world)

@@ -65,6 +65,11 @@ def test_eval_cli_writes_averages_and_per_clip_json(local_eval, capsys):
     clip = doc["clips"]["val_0004"]
     assert clip["frames"] == 62 and clip["frames_reference"] == 63 and clip["reference_mouth"] == "ground truth"
     assert "val_0000" in doc["unmatched"]["reference_only"]
+    # the still-identity floor of the references, scored beside: at full
+    # resolution it beats the 64-px generated copy of the same still frame
+    floor = doc["floor"]
+    assert floor["clips"] == len(STEMS) and floor["sync_static_clips"] == len(STEMS)
+    assert floor["flow_ratio"] < 0.05 and floor["psnr_upper"] > avg["psnr_upper"]
 
 
 class _Refs(HTMLParser):
