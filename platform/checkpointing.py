@@ -14,10 +14,22 @@ What is saved (`TrainingState`, a DCP `Stateful`, as in Ray's FSDP2
 template's `AppState`): sharded model and optimizer state, sharded EMA
 weights, the progress counters (step, data epoch, batches consumed in that
 epoch) and each rank's torch RNG state.
+
+Reading never unpickles anything from storage beyond plain data: DCP's
+`.metadata` is a pickle, and DCP's own reader `pickle.load`s it (and its
+default planner `torch.load(weights_only=False)`s every non-tensor value), so
+a crafted checkpoint runs code on resume and on `dheads export`. Every DCP
+read here goes through `SafeFileSystemReader` (the metadata through
+`MetadataUnpickler`, which admits only DCP's metadata dataclasses, torch.Size,
+dtypes, layouts and paths, then checks the structure) and `SafeLoadPlanner`
+(non-tensor values through `torch.load(weights_only=True)`). Anything else
+raises `CheckpointError` with one line saying what was refused.
 """
 from __future__ import annotations
 
+import io
 import json
+import pickle
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +42,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
+from dheads.model.checkpoint import CheckpointError
 from dheads.model.config import DiffusionConfig, ModelConfig, from_dict, to_dict
 from dheads.platform import storage
 from dheads.platform.config import StorageConfig
@@ -107,6 +120,156 @@ class TrainingState(Stateful):
                 torch.cuda.set_rng_state(rng["cuda"])
 
 
+# ------------------------------------------------------------ safe DCP reading
+_METADATA_FILE = ".metadata"
+# Everything a DCP `.metadata` pickle may name (torch 2.11, measured on the
+# checkpoints this module writes): the metadata dataclasses, the storage info,
+# torch.Size, dtypes (`torch.float32`...), layouts (pickled as
+# `torch.serialization._get_layout("torch.strided")`), the memory-format enum,
+# and the checkpoint id (a pathlib path). None of them runs code on load.
+_ALLOWED_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch": {"Size"},
+    "torch.serialization": {"_get_layout"},
+    "pathlib": {"PosixPath", "PurePosixPath"},
+    "collections": {"OrderedDict"},
+    "builtins": {"set", "frozenset"},
+}
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    """Unpickles a DCP `.metadata` file, refusing every global that is not
+    checkpoint metadata (os.system, builtins.eval, subprocess.*, ...)."""
+
+    def __init__(self, file, source: str):
+        super().__init__(file)
+        self.source = source
+
+    def find_class(self, module: str, name: str):
+        if name in _ALLOWED_GLOBALS.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise CheckpointError(
+            f"checkpoint {self.source}: {_METADATA_FILE} names {module}.{name}, which is not "
+            f"checkpoint metadata; refusing to load it (a crafted or foreign file)")
+
+
+def read_checkpoint_metadata(path: str | Path) -> "dcp.Metadata":
+    """The DCP `Metadata` of a local checkpoint directory, through
+    `MetadataUnpickler`, with its structure checked; else CheckpointError."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata, Metadata, MetadataIndex, TensorStorageMetadata)
+
+    file = Path(path, _METADATA_FILE)
+    try:
+        data = file.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {path}: cannot read {_METADATA_FILE} ({e.strerror or e})") from e
+    try:
+        meta = MetadataUnpickler(io.BytesIO(data), str(path)).load()
+    except CheckpointError:
+        raise
+    except Exception as e:  # truncated / garbage bytes: any unpickling failure
+        raise CheckpointError(f"checkpoint {path}: {_METADATA_FILE} is not DCP metadata "
+                              f"({type(e).__name__}: {e})") from e
+
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {path}: {_METADATA_FILE} {what}; refusing to load it")
+
+    if not isinstance(meta, Metadata) or not isinstance(meta.state_dict_metadata, dict):
+        raise bad(f"holds a {type(meta).__name__}, not DCP Metadata")
+    for key, item in meta.state_dict_metadata.items():
+        if not isinstance(key, str) or not isinstance(item, (TensorStorageMetadata, BytesStorageMetadata)):
+            raise bad(f"entry {key!r} is not tensor or bytes metadata")
+    for index, info in (meta.storage_data or {}).items():
+        if not (isinstance(index, MetadataIndex) and isinstance(info, _StorageInfo) and _plain_slice(info)):
+            raise bad(f"storage entry {getattr(index, 'fqn', index)!r} is not a plain data file slice")
+    for key, route in (meta.planner_data or {}).items():
+        if not isinstance(key, str) or not isinstance(route, tuple) \
+                or not all(isinstance(k, (str, int)) for k in route):
+            raise bad(f"planner entry {key!r} is not a key path")
+    return meta
+
+
+def _plain_slice(info) -> bool:
+    """A byte range of a data file in the checkpoint directory itself: no
+    path (`../`, `/etc/...`), no hidden file, no stream transform."""
+    rel = info.relative_path
+    return (isinstance(rel, str) and bool(rel) and not rel.startswith(".")
+            and "/" not in rel and "\\" not in rel
+            and isinstance(info.offset, int) and isinstance(info.length, int)
+            and info.offset >= 0 and info.length >= 0 and not info.transform_descriptors)
+
+
+class SafeFileSystemReader(dcp.FileSystemReader):
+    """`dcp.FileSystemReader` whose metadata comes from `read_checkpoint_metadata`.
+
+    The metadata is read (and refused) once, before DCP runs: DCP itself
+    swallows a `read_metadata` error and falls back to per-rank metadata.
+    """
+
+    def __init__(self, path: str | Path):
+        super().__init__(path)
+        self._metadata = None
+
+    def reset(self, checkpoint_id=None) -> None:
+        if checkpoint_id is not None and str(checkpoint_id) != str(self.path):
+            self._metadata = None
+        super().reset(checkpoint_id)
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> "dcp.Metadata":
+        if kwargs.get("rank") is not None:   # per-rank metadata: never written here
+            raise CheckpointError(f"checkpoint {self.path}: no per-rank metadata")
+        if self._metadata is None:
+            self._metadata = read_checkpoint_metadata(self.path)
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        if getattr(self._metadata, "storage_meta", None) is None:
+            self._metadata.storage_meta = StorageMeta()
+        self._metadata.storage_meta.load_id = self.load_id
+        return self._metadata
+
+
+class SafeLoadPlanner(dcp.DefaultLoadPlanner):
+    """`DefaultLoadPlanner` loading non-tensor values (optimizer hyper-parameters,
+    ...) with `torch.load(weights_only=True)` instead of a full unpickle."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        from torch.distributed.checkpoint._traverse import set_element
+
+        fqn = read_item.dest_index.fqn
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            first = " ".join(str(e).split())[:200]
+            raise CheckpointError(f"checkpoint value {fqn}: refusing to unpickle it ({first})") from e
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], obj)
+        else:
+            self.state_dict[fqn] = obj
+
+
+def dcp_load(state: dict[str, Any], path: str | Path, planner: dcp.DefaultLoadPlanner | None = None) -> None:
+    """`dcp.load` of a local checkpoint directory through the safe reader and
+    planner; a refusal anywhere surfaces as the CheckpointError that caused it."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    reader = SafeFileSystemReader(path)
+    reader.read_metadata()   # refuse before DCP starts (collective on every rank)
+    try:
+        dcp.load(state, storage_reader=reader, planner=planner or SafeLoadPlanner())
+    except CheckpointException as e:
+        for exc, _trace in e.failures.values():
+            if isinstance(exc, CheckpointError):
+                raise CheckpointError(str(exc)) from None
+        raise
+
+
 class Checkpointer:
     """Saves and restores a `TrainingState` through Ray Train's storage.
 
@@ -130,13 +293,13 @@ class Checkpointer:
         return True
 
     def load_from(self, path: str) -> None:
-        keys = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        keys = read_checkpoint_metadata(path).state_dict_metadata
         state: dict[str, Any] = {"app": self.state}
         # RNG states are per rank: a run resumed on a different number of
         # workers keeps its own generators instead.
         if not any(k.startswith(f"app.rng.{TrainingState._rng_key()}.") for k in keys):
             state = {"app": _WithoutRng(self.state)}
-        dcp.load(state, checkpoint_id=path)
+        dcp_load(state, path)
 
     def save(self, metrics: dict[str, float]) -> None:
         """Write the DCP shards of every rank and report them as one checkpoint."""
@@ -211,8 +374,8 @@ def load_ema_model(checkpoint_dir: str, use_ema: bool = True
     model = DiffusedHeads(model_cfg)
     model_sd = model.state_dict()
     ema = {n: p.detach().clone() for n, p in model.named_parameters()}
-    dcp.load({"app": {"model": model_sd, "ema": ema}}, checkpoint_id=checkpoint_dir,
-             planner=dcp.DefaultLoadPlanner(allow_partial_load=False))
+    dcp_load({"app": {"model": model_sd, "ema": ema}}, checkpoint_dir,
+             planner=SafeLoadPlanner(allow_partial_load=False))
     if use_ema:
         model_sd.update(ema)
     model.load_state_dict(model_sd)
@@ -251,4 +414,6 @@ def fetch_model_checkpoint(uri: str, storage_cfg: StorageConfig | None = None) -
 
 
 __all__ = ["Progress", "TrainingState", "Checkpointer", "latest_checkpoint", "download",
-           "load_ema_model", "checkpoint_dir_name", "fetch_model_checkpoint", "JOB_FILE"]
+           "load_ema_model", "checkpoint_dir_name", "fetch_model_checkpoint", "JOB_FILE",
+           "read_checkpoint_metadata", "dcp_load", "SafeFileSystemReader", "SafeLoadPlanner",
+           "MetadataUnpickler"]
