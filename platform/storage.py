@@ -116,14 +116,20 @@ def write_bytes(uri: str, data: bytes, storage: StorageConfig | None = None) -> 
 
     Readers never see a half-written object: locally `os.replace`, on S3 the
     temporary key is copied onto the final key (S3 objects appear whole).
+    Locally the write is also durable: the file is fsynced before the rename
+    and its directory after it (and every directory this write created), so
+    after a crash the name holds either the old bytes or all the new ones.
     """
+    if not is_s3(uri):
+        try:
+            _durable_replace(Path(uri).expanduser().resolve(), lambda f: f.write(data))
+        except OSError as e:
+            raise _failure("write", uri, e, storage) from e
+        return
     fs, path = resolve(uri, storage)
-    parent, name = posixpath.split(path) if is_s3(uri) else os.path.split(path)
-    tmp = posixpath.join(parent, f"_tmp.{uuid.uuid4().hex}.{name}") if is_s3(uri) \
-        else os.path.join(parent, f"_tmp.{uuid.uuid4().hex}.{name}")
+    parent, name = posixpath.split(path)
+    tmp = posixpath.join(parent, f"_tmp.{uuid.uuid4().hex}.{name}")
     try:
-        if not is_s3(uri):
-            os.makedirs(parent, exist_ok=True)
         with fs.open_output_stream(tmp) as f:
             f.write(data)
         fs.move(tmp, path)
@@ -134,15 +140,55 @@ def write_bytes(uri: str, data: bytes, storage: StorageConfig | None = None) -> 
 
 
 def upload_file(local_path: str | Path, uri: str, storage: StorageConfig | None = None) -> None:
-    """Copy a local file to `uri` atomically."""
+    """Copy a local file to `uri` atomically (and durably when `uri` is local)."""
     if not is_s3(uri):
-        dst = Path(uri)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f"_tmp.{uuid.uuid4().hex}.{dst.name}")
-        shutil.copyfile(local_path, tmp)
-        os.replace(tmp, dst)
+        with open(local_path, "rb") as src:
+            try:
+                _durable_replace(Path(uri).expanduser().resolve(),
+                                 lambda f: shutil.copyfileobj(src, f, 1 << 20))
+            except OSError as e:
+                raise _failure("write", uri, e, storage) from e
         return
     write_bytes(uri, Path(local_path).read_bytes(), storage)
+
+
+def _durable_replace(dst: Path, write) -> None:
+    """`write(file)` into a temporary next to `dst`, fsync it, rename it onto
+    `dst`, fsync the directory. On failure the temporary is removed."""
+    created = _makedirs(dst.parent)
+    tmp = dst.with_name(f"_tmp.{uuid.uuid4().hex}.{dst.name}")
+    try:
+        with open(tmp, "xb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(dst.parent)          # the new name
+    for d in created:               # each directory this write created, in its parent
+        _fsync_dir(d.parent)
+
+
+def _makedirs(path: Path) -> list[Path]:
+    """mkdir -p; returns the directories it created, deepest first."""
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    path.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def delete(uri: str, storage: StorageConfig | None = None) -> None:

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 from dheads.platform import storage
 
 
@@ -19,3 +21,74 @@ def test_s3_roundtrip(s3_bucket):
         assert open(p, "rb").read() == b"abc"
     storage.delete(uri, cfg)
     assert not storage.exists(uri, cfg)
+
+
+# ---------------------------------------------------------------- durability
+def _write_both(tmp_path):
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"model")
+    storage.write_bytes(str(tmp_path / "new" / "dir" / "a.bin"), b"hello")
+    storage.upload_file(src, str(tmp_path / "new" / "dir" / "b.bin"))
+
+
+def test_local_writes_fsync_the_file_before_and_the_directory_after_the_rename(tmp_path, monkeypatch):
+    """The real os calls, recorded in order: fsync(tmp) < rename(tmp -> dst) <
+    fsync(dst's directory), and the directories the write created are synced
+    into their parents."""
+    import os
+    from pathlib import Path
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}")).resolve()))
+        return real_fsync(fd)
+
+    def replace(a, b):
+        events.append(("rename", Path(a).resolve(), Path(b).resolve()))
+        return real_replace(a, b)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    _write_both(tmp_path)
+    d = (tmp_path / "new" / "dir").resolve()
+    for name in ("a.bin", "b.bin"):
+        i = next(i for i, e in enumerate(events) if e[0] == "rename" and e[2] == d / name)
+        tmp = events[i][1]
+        assert tmp.parent == d and tmp.name.startswith("_tmp.")
+        assert ("fsync", tmp) in events[:i]
+        assert ("fsync", d) in events[i + 1:]
+    assert ("fsync", d.parent) in events and ("fsync", d.parent.parent) in events
+    assert (d / "a.bin").read_bytes() == b"hello" and (d / "b.bin").read_bytes() == b"model"
+    assert sorted(p.name for p in d.iterdir()) == ["a.bin", "b.bin"]
+
+
+def test_local_writes_fsync_as_seen_by_the_kernel(tmp_path):
+    """The same order observed with strace: no Python-level stand-ins."""
+    import re
+    import shutil
+    import subprocess
+    import sys
+
+    import pytest
+
+    if not shutil.which("strace"):
+        pytest.skip("strace not installed")
+    code = ("import sys, pathlib; sys.path.insert(0, sys.argv[1]); "
+            "from test_storage import _write_both; _write_both(pathlib.Path(sys.argv[2]))")
+    log = tmp_path / "strace.txt"
+    proc = subprocess.run(["strace", "-f", "-y", "-qq", "-o", str(log),
+                           "-e", "trace=fsync,fdatasync,rename,renameat,renameat2",
+                           sys.executable, "-c", code, str(Path(__file__).parent), str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0 and "ptrace" in proc.stderr:
+        pytest.skip(f"ptrace not permitted here: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stderr
+    calls = [ln.split(None, 1)[1] for ln in log.read_text().splitlines() if "(" in ln]
+    d = str((tmp_path / "new" / "dir").resolve())
+    for name in ("a.bin", "b.bin"):
+        i = next(i for i, c in enumerate(calls) if c.startswith("rename") and f'{d}/{name}"' in c)
+        tmp = re.search(r'"([^"]*_tmp\.[^"]*)"', calls[i]).group(1)
+        assert any(c.startswith("fsync(") and f"<{tmp}>" in c for c in calls[:i]), calls
+        assert any(c.startswith("fsync(") and f"<{d}>" in c for c in calls[i + 1:]), calls
