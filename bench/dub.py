@@ -13,9 +13,11 @@ Prints one JSON line:
 - sampler_overhead: sampling wall / Σ UNet forward time (batch 16 run);
 - fps_ddim{10,20,50}: frames/s at that many DDIM steps (batch 4);
 - serve_over_offline: wall per item through the HTTP job API (Ray Serve,
-  one generator replica) / the same items through `dub_items` in this
-  process, same checkpoint, sampler, slot count and threads, same run; the
-  engines' wall and CPU seconds per item are reported beside it.
+  one `DubbingModel` replica, decode/encode in Ray tasks) / the same items
+  through `dub_items` (bench/_dubbing.py) in this process, same checkpoint,
+  sampler, slot count and threads, same run; the engines' wall and CPU
+  seconds per item are reported beside it, and the 1-minute load average
+  at the start and the end (the machine may be shared).
 The model is the `tiny` preset (random init: throughput does not depend on
 the weights) at `--image-size`. CPU threads are pinned (`--threads`) so both
 sides of each ratio run alike on a shared machine.
@@ -35,31 +37,33 @@ JSON_KEYS = ("bench", "model", "image_size", "params", "threads", "device",
              "batching_gain_16", "batching_gain_16_cpu", "sampler_overhead",
              "fps_ddim10", "fps_ddim20", "fps_ddim50", "offline_s_per_item", "serve_s_per_item",
              "serve_over_offline", "engine_wall_s_per_item_offline", "engine_wall_s_per_item_serve",
-             "smoke")
+             "load_avg_1m", "load_avg_1m_end", "smoke")
 
 def _engine(ckpt: str, steps: int, batch: int, threads: int):
     from dheads.model.config import SamplerConfig
     from dheads.platform.config import DubConfig
-    from dheads.platform.dubbing import build_engine
+    from dheads.platform.dubbing.engine import build_engine
 
     return build_engine(ckpt, SamplerConfig(steps=f"ddim{steps}"),
                         DubConfig(batch_size=batch, num_threads=threads))
 
 
 def _segments(n: int, frames: int, size: int, seed: int = 0):
-    from dheads.platform.dubbing import PAD_FRAMES, SAMPLES_PER_FRAME, Segment
-    from dheads.serve.demo import face_image, speech
+    from _dubbing import speech
+
+    from dheads.jobs.synthface import still_face
+    from dheads.platform.dubbing.segments import PAD_FRAMES, SAMPLES_PER_FRAME, Segment
 
     audio = speech((frames + 2 * PAD_FRAMES) / 25 + 0.1, seed=seed)
     need = (frames + 2 * PAD_FRAMES) * SAMPLES_PER_FRAME
-    return [Segment(f"s{i}", 0, 1, 0, frames, face_image(i, size), audio[:need].copy(), frames, seed=i)
+    return [Segment(f"s{i}", 0, 1, 0, frames, still_face(i, size), audio[:need].copy(), frames, seed=i)
             for i in range(n)]
 
 
 def sampling_fps(ckpt: str, size: int, batch: int, steps: int, frames: int, threads: int,
                  repeats: int) -> tuple[float, object]:
     """Best of `repeats` runs: frames/s of `batch` concurrent segments, and that run's stats."""
-    from dheads.platform.dubbing import EngineStats
+    from dheads.platform.dubbing.engine import EngineStats
 
     engine = _engine(ckpt, steps, batch, threads)
     engine.run(_segments(batch, 1, size))                    # warm-up (allocator, kernels)
@@ -74,17 +78,18 @@ def sampling_fps(ckpt: str, size: int, batch: int, steps: int, frames: int, thre
 
 
 def _items(tmp: Path, n: int, seconds: float, out: str):
+    from _dubbing import speech, write_wav
     from PIL import Image
 
-    from dheads.platform.dubbing import DubItem
-    from dheads.serve.demo import face_image, speech, write_audio
+    from dheads.jobs.synthface import still_face
+    from dheads.platform.dubbing.items import DubItem
 
     items = []
     for i in range(n):
-        Image.fromarray(face_image(i)).save(tmp / f"id{i}.png")
-        write_audio(tmp / f"a{i}.wav", speech(seconds, seed=i))
-        items.append(DubItem(f"item{i}", str(tmp / f"id{i}.png"), str(tmp / f"a{i}.wav"),
-                             str(tmp / out / f"item{i}.mp4")))
+        Image.fromarray(still_face(i)).save(tmp / f"id{i}.png")
+        write_wav(tmp / f"a{i}.wav", speech(seconds, seed=i))
+        items.append(DubItem(item_id=f"item{i}", identity=str(tmp / f"id{i}.png"),
+                             audio=str(tmp / f"a{i}.wav"), output=str(tmp / out / f"item{i}.mp4")))
     return items
 
 
@@ -94,8 +99,10 @@ def serve_vs_offline(ckpt: str, tmp: Path, n: int, seconds: float, batch: int, s
     import requests
     from ray import serve
 
+    from _dubbing import dub_items
+
     from dheads.platform.config import DubConfig, compose
-    from dheads.platform.dubbing import dub_items
+    from dheads.platform.dubbing.items import ItemStatus
     from dheads.serve import app
 
     items = _items(tmp, n, seconds, "offline")
@@ -105,8 +112,8 @@ def serve_vs_offline(ckpt: str, tmp: Path, n: int, seconds: float, batch: int, s
 
     def offline_run() -> float:
         t = time.perf_counter()
-        rows = dub_items(engine, items, cfg)
-        assert all(r["status"] == "succeeded" for r in rows), rows
+        results = dub_items(engine, items, cfg)
+        assert all(r.status == ItemStatus.succeeded for r in results), results
         return time.perf_counter() - t
 
     with socket.socket() as s:
@@ -136,10 +143,10 @@ def serve_vs_offline(ckpt: str, tmp: Path, n: int, seconds: float, batch: int, s
                     return time.perf_counter() - t
                 time.sleep(0.2)  # a client polling 5x a second
 
-        generator = serve.get_deployment_handle("Generator", app_name=app.APP_NAME)
+        model = serve.get_deployment_handle("DubbingModel", app_name=app.APP_NAME)
 
         def engine_times() -> tuple[float, float]:
-            info = generator.info.remote().result()
+            info = model.info.remote().result()
             return info["wall_s"], info["cpu_s"]
 
         job(items[:1])                                       # warm-up (replica, routes)
@@ -183,8 +190,9 @@ def main() -> None:
 
     import torch
 
+    from _dubbing import tiny_checkpoint
+
     from dheads.model.flops import count_params
-    from dheads.serve.demo import tiny_checkpoint
 
     tmp = Path(tempfile.mkdtemp(prefix="dheads-bench-dub-"))
     ckpt = tiny_checkpoint(tmp / "ckpt", image_size=args.image_size, channels=None)

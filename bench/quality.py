@@ -122,11 +122,14 @@ def main() -> None:
     from dheads.jobs.evaluation import evaluate
     from dheads.model.checkpoint import load_checkpoint
     from dheads.platform.config import DubConfig, SamplerConfig
-    from dheads.platform.dubbing import DubItem, build_engine, dub_items
+    from _dubbing import dub_items
+
+    from dheads.platform.dubbing.engine import build_engine
+    from dheads.platform.dubbing.items import DubItem, ItemStatus
 
     out = Path(args.out).resolve()
     if args.smoke:
-        from dheads.serve.demo import tiny_checkpoint
+        from _dubbing import tiny_checkpoint
 
         out = Path(tempfile.mkdtemp(prefix="dheads-quality-smoke-"))
         args.checkpoint = tiny_checkpoint(out / "ckpt", image_size=16)
@@ -160,12 +163,12 @@ def main() -> None:
         items = [DubItem(item_id=s, identity=str(ref / f"{s}.mp4"), audio=str(ref / f"{s}.mp4"),
                          output=str(gen / f"{s}.mp4"), identity_frame=0) for s in stems]
         t = time.time()
-        rows = dub_items(engine, items, cfg)
+        results = dub_items(engine, items, cfg)
         wall = time.time() - t
-        failed = [r for r in rows if r["status"] != "succeeded"]
+        failed = [r for r in results if r.status != ItemStatus.succeeded]
         if failed:
             raise SystemExit(f"{spec}: {failed}")
-        frames = sum(round(r["seconds"] * 25) for r in rows)
+        frames = sum(round(r.seconds * 25) for r in results)
         metrics = evaluate(str(gen), str(ref), str(out / f"eval_{spec}"), report=not args.smoke,
                            verbose=False)
         row = {"sampler": spec, **{k: metrics.get(k) for k in ROW_KEYS},

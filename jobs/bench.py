@@ -22,5 +22,6 @@ def run(args: list[str]) -> int:
                         f"{', '.join(names) or 'none (not a repo checkout)'}")
     script = BENCH_DIR / f"{args[0]}.py"
     sys.argv = [str(script), *args[1:]]
+    sys.path.insert(0, str(BENCH_DIR))  # as `python bench/<name>.py` would: its helpers (_*.py) import
     runpy.run_path(str(script), run_name="__main__")
     return 0

@@ -1,11 +1,14 @@
 """`dheads dub manifest=URI output=URI checkpoint=URI`: offline batch dubbing on Ray Data.
 
     manifest (JSONL / CSV / Parquet: identity, audio[, output, item_id, identity_frame])
-      -> prepare_segments     tasks: skip items whose output exists, decode, segment
+      -> prepare_segments     tasks: skip items whose output exists, decode once, segment
       -> SegmentWorker        actor pool (dub.num_workers, CPU or GPU): continuous batching
       -> stitch_item          per item (groupby): cross-fade, H.264 + AAC, atomic write
       -> results table        <output>/results.parquet + results.jsonl
 
+A row between the stages is an item's `kind` ("segment", "skipped",
+"failed"), its `output` and `reason`, and the columns of `Segment.to_row()`
+(empty for an item that is not a segment); the model stage adds `frames`.
 Per-item errors become `failed` rows with a reason; they never stop the job.
 A re-run skips every item whose output exists (outputs are written once,
 atomically, so an existing output is a complete one).
@@ -22,32 +25,29 @@ import numpy as np
 
 from dheads.platform import storage
 from dheads.platform.config import DubConfig, DubJob, StorageConfig
-from dheads.platform.dubbing import (
-    DubItem, ItemError, PreparedItem, Segment, build_engine, finish_item, load_audio,
-    n_video_frames, prepare_item, result_row,
-)
+from dheads.platform.dubbing.engine import build_engine
+from dheads.platform.dubbing.items import DubItem, DubResult, ItemError, ItemStatus, finish_item, prepare_item
+from dheads.platform.dubbing.segments import EMPTY_SEGMENT_ROW, Segment
 from dheads.platform.media import MediaError
 
-COLUMNS = ("item", "output", "audio_uri", "kind", "reason", "index", "count", "start",
-           "n_frames", "item_frames", "seed", "identity", "audio")
+SEGMENT, SKIPPED, FAILED = "segment", ItemStatus.skipped.value, ItemStatus.failed.value
 
 
-def _row(item: DubItem, kind: str, reason: str = "", seg: Segment | None = None, **extra) -> dict:
-    row = {"item": item.item_id, "output": item.output, "audio_uri": item.audio, "kind": kind,
-           "reason": reason, "index": 0, "count": 0, "start": 0, "n_frames": 0, "item_frames": 0,
-           "seed": 0, "identity": b"", "audio": b""}
-    if seg is not None:
-        row.update(index=seg.index, count=seg.count, start=seg.start, n_frames=seg.n_frames,
-                   item_frames=seg.item_frames, seed=seg.seed, identity=seg.identity.tobytes(),
-                   audio=seg.audio.astype(np.float32).tobytes())
-    row.update(extra)
-    return row
+def _item_row(item_id: str, output: str, kind: str, reason: str = "",
+              segment: Segment | None = None) -> dict:
+    seg = segment.to_row() if segment is not None else {**EMPTY_SEGMENT_ROW, "item_id": item_id}
+    return {**seg, "output": output, "kind": kind, "reason": reason}
+
+
+def _rows(batch: dict) -> list[dict]:
+    n = len(next(iter(batch.values())))
+    return [{k: (v[i].item() if isinstance(v[i], np.generic) else v[i]) for k, v in batch.items()}
+            for i in range(n)]
 
 
 def _columns(rows: list[dict]) -> dict:
-    keys = rows[0].keys() if rows else COLUMNS
-    return {k: np.array([r[k] for r in rows], dtype=object if k in ("identity", "audio", "frames")
-                        else None) for k in keys}
+    return {k: np.array([r[k] for r in rows], dtype=object if isinstance(rows[0][k], bytes) else None)
+            for k in rows[0]}
 
 
 def _absolute(uri: str, base: str | None = None) -> str:
@@ -61,25 +61,24 @@ def prepare_segments(batch: dict, cfg: DubConfig, output: str, base: str | None,
     """Manifest rows -> one row per segment, or one `skipped` / `failed` row per item.
     Relative local paths in the manifest are relative to the manifest's folder."""
     rows = []
-    for i in range(len(next(iter(batch.values())))):
-        raw = {k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items()}
+    for i, raw in enumerate(_rows(batch)):
         for k in ("identity", "audio", "output"):
             if isinstance(raw.get(k), str) and raw[k]:
                 raw[k] = _absolute(raw[k], base)
         try:
             item = DubItem.from_row(raw, output)
         except ItemError as e:
-            rows.append(_row(DubItem(str(raw.get("item_id") or f"row{i}"), "", "", ""), "failed",
-                             f"manifest: {e}"))
+            rows.append(_item_row(str(raw.get("item_id") or f"row{i}"), "", FAILED, f"manifest: {e}"))
             continue
         try:
             if storage.exists(item.output, storage_cfg):
-                rows.append(_row(item, "skipped", "output exists"))
+                rows.append(_item_row(item.item_id, item.output, SKIPPED, "output exists"))
                 continue
             prepared = prepare_item(item, cfg, image_size, storage_cfg, seed)
-            rows.extend(_row(item, "segment", seg=s) for s in prepared.segments)
+            rows.extend(_item_row(item.item_id, item.output, SEGMENT, segment=s)
+                        for s in prepared.segments)
         except (ItemError, storage.StorageError) as e:
-            rows.append(_row(item, "failed", str(e)))
+            rows.append(_item_row(item.item_id, item.output, FAILED, str(e)))
     return _columns(rows)
 
 
@@ -88,58 +87,38 @@ class SegmentWorker:
 
     def __init__(self, checkpoint: str, sampler, cfg: DubConfig, storage_cfg: StorageConfig):
         self.engine = build_engine(checkpoint, sampler, cfg, storage_cfg)
-        self.size = self.engine.image_size
 
     def __call__(self, batch: dict) -> dict:
-        n = len(batch["kind"])
-        segments = {}
-        for i in range(n):
-            if batch["kind"][i] == "segment":
-                segments[i] = Segment(
-                    str(batch["item"][i]), int(batch["index"][i]), int(batch["count"][i]),
-                    int(batch["start"][i]), int(batch["n_frames"][i]),
-                    np.frombuffer(batch["identity"][i], np.uint8).reshape(self.size, self.size, 3),
-                    np.frombuffer(batch["audio"][i], np.float32).copy(), int(batch["item_frames"][i]),
-                    seed=int(batch["seed"][i]))
+        rows = _rows(batch)
+        segments = {i: Segment.from_row(r) for i, r in enumerate(rows) if r["kind"] == SEGMENT}
         frames = self.engine.run(segments.values()) if segments else {}
-        out = {k: batch[k] for k in ("item", "output", "audio_uri", "kind", "reason", "index",
-                                     "count", "start", "item_frames")}
-        out["frames"] = np.array([frames[segments[i].key].tobytes() if i in segments else b""
-                                  for i in range(n)], dtype=object)
-        out["size"] = np.full(n, self.size)
-        return out
+        for i, r in enumerate(rows):
+            r["frames"] = frames[segments[i].key].tobytes() if i in segments else b""
+        return _columns(rows)
 
 
 def stitch_item(group: dict, storage_cfg: StorageConfig) -> dict:
     """All rows of one item -> its result row (the mp4 written atomically)."""
-    first = {k: v[0] for k, v in group.items()}
-    item = DubItem(str(first["item"]), "", str(first["audio_uri"]), str(first["output"]))
-    kinds = set(group["kind"].tolist())
-    if kinds != {"segment"}:
-        status = "skipped" if "skipped" in kinds else "failed"
-        reasons = [r for r in group["reason"].tolist() if r]
-        row = result_row(item, status, reason=reasons[0] if reasons else None)
+    rows = _rows(group)
+    item_id, output = str(rows[0]["item_id"]), str(rows[0]["output"])
+    kinds = {r["kind"] for r in rows}
+    if kinds != {SEGMENT}:
+        reasons = [r["reason"] for r in rows if r["reason"]]
+        result = DubResult(item_id=item_id, output=output,
+                           status=ItemStatus.skipped if SKIPPED in kinds else ItemStatus.failed,
+                           reason=reasons[0] if reasons else None)
     else:
+        segments = [Segment.from_row(r) for r in rows]
+        frames = {s.index: np.frombuffer(r["frames"], np.uint8).reshape(-1, *s.identity.shape)
+                  for s, r in zip(segments, rows)}
         try:
-            row = result_row(item, "succeeded", seconds=_stitch(group, item, storage_cfg))
-        except (ItemError, MediaError, storage.StorageError, ValueError) as e:
-            row = result_row(item, "failed", reason=f"output: {e}")
-    return {k: [v] for k, v in row.items()}
-
-
-def _stitch(group: dict, item: DubItem, storage_cfg: StorageConfig) -> float:
-    n = int(group["item_frames"][0])
-    if len(set(group["index"].tolist())) != int(group["count"][0]):
-        raise ItemError(f"{len(group['index'])} of {int(group['count'][0])} segments came back")
-    size = int(group["size"][0])
-    audio = load_audio(item.audio, storage_cfg)
-    if n_video_frames(len(audio)) != n:
-        raise ItemError("audio changed since it was segmented")
-    results = {int(i): np.frombuffer(f, np.uint8).reshape(-1, size, size, 3)
-               for i, f in zip(group["index"], group["frames"])}
-    segments = [Segment(item.item_id, int(i), len(results), int(s), 0, None, None, n)
-                for i, s in zip(group["index"], group["start"])]
-    return finish_item(PreparedItem(item, audio, n, segments), results, storage_cfg)
+            seconds = finish_item(output, segments, frames, storage_cfg)
+            result = DubResult(item_id=item_id, output=output, status=ItemStatus.succeeded,
+                               seconds=seconds)
+        except (MediaError, storage.StorageError, ValueError) as e:
+            result = DubResult(item_id=item_id, output=output, status=ItemStatus.failed,
+                               reason=f"output: {e}")
+    return {k: [v] for k, v in result.to_row().items()}
 
 
 def read_manifest(uri: str, storage_cfg: StorageConfig, runtime_env: dict):
@@ -197,8 +176,9 @@ def run(cfg: DubJob) -> int:
     frames = segments.map_batches(
         SegmentWorker, batch_size=4 * cfg.dub.batch_size, concurrency=cfg.dub.num_workers,
         num_cpus=cfg.dub.cpus_per_worker, num_gpus=1 if cfg.dub.use_gpu else 0,
-        fn_constructor_kwargs=dict(checkpoint=checkpoint, sampler=cfg.sampler, cfg=cfg.dub, storage_cfg=cfg.storage), **env)
-    results = frames.groupby("item").map_groups(
+        fn_constructor_kwargs=dict(checkpoint=checkpoint, sampler=cfg.sampler, cfg=cfg.dub,
+                                   storage_cfg=cfg.storage), **env)
+    results = frames.groupby("item_id").map_groups(
         stitch_item, fn_kwargs=dict(storage_cfg=cfg.storage), batch_format="numpy", **env)
     rows = []
     with tqdm(total=n_items, desc="dub", unit="item", file=sys.stderr) as bar:
@@ -208,7 +188,8 @@ def run(cfg: DubJob) -> int:
             bar.update(1)
     rows.sort(key=lambda r: r["item"])
     parquet, _ = write_results(rows, output, cfg.storage)
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("succeeded", "skipped", "failed")}
+    counts = {s.value: sum(r["status"] == s.value for r in rows)
+              for s in (ItemStatus.succeeded, ItemStatus.skipped, ItemStatus.failed)}
     print(json.dumps({"items": len(rows), **counts, "results": parquet,
                       "seconds_of_video": round(sum(r["seconds"] or 0 for r in rows), 2)}))
     return 0

@@ -244,6 +244,15 @@ def render_frame(ident: Identity, bg: Image.Image, out_size: int, opening: float
     return np.asarray(frame), mbox
 
 
+def still_face(identity_id: int, size: int = 64) -> np.ndarray:
+    """Identity `identity_id`'s face at rest (mouth slightly open, eyes open,
+    upright): one RGB frame `[size, size, 3]` uint8, e.g. an identity image."""
+    ident = random_identity(identity_id)
+    frame, _ = render_frame(ident, _background(ident, size), size, 0.2, 1.0,
+                            np.array([0.0, 0.0, 0.0, 1.0]))
+    return frame
+
+
 def synth_clip(seed: int, identity_id: int, n_frames: int, size: int = 128, fps: int = 25,
                sr: int = SAMPLE_RATE) -> tuple[np.ndarray, np.ndarray, dict]:
     """One clip: frames `[T, size, size, 3]` uint8, audio `[T*sr/fps]` float32, and its sidecar."""

@@ -1,9 +1,11 @@
 """`dheads serve`: the dubbing job service on Ray Serve.
 
 `build_app(cfg)` is the typed builder: it binds the ingress (FastAPI, one
-replica: it owns the running jobs) to the generator deployment (autoscaled
-model replicas). `run(cfg)` starts Serve bound to `serve.host:serve.port`
-(127.0.0.1 unless configured) and deploys the app. Nothing runs at import.
+replica: it owns the running jobs) to the `DubbingModel` deployment
+(autoscaled model replicas). Decoding and encoding run in Ray tasks the
+ingress starts (`serve/runner.py`), not in either deployment. `run(cfg)`
+starts Serve bound to `serve.host:serve.port` (127.0.0.1 unless configured)
+and deploys the app. Nothing runs at import.
 """
 from __future__ import annotations
 
@@ -29,13 +31,12 @@ def _absolute(uri: str) -> str:
 
 
 def build_app(cfg: ServeJob, token: str | None = None):
-    """ServeJob -> a bound Serve application (ingress -> generator)."""
+    """ServeJob -> a bound Serve application (ingress -> model)."""
     import dataclasses
 
-    from dheads.serve.generator import MAX_CONCURRENT_BATCHES, Generator
-    from dheads.serve.ingress import DubbingAPI
-
     from dheads.platform.checkpointing import fetch_model_checkpoint
+    from dheads.serve.ingress import DubbingAPI
+    from dheads.serve.model import MAX_CONCURRENT_BATCHES, DubbingModel
 
     token = token or api_token(cfg)
     fetch_model_checkpoint(_absolute(cfg.checkpoint), cfg.storage)  # a clear error now, not in a replica
@@ -47,7 +48,7 @@ def build_app(cfg: ServeJob, token: str | None = None):
     cfg = dataclasses.replace(cfg, checkpoint=_absolute(cfg.checkpoint), serve=serve_cfg, dub=dub)
     env = {"runtime_env": {"env_vars": storage.s3_env(cfg.storage)}}
     a = s.autoscaling
-    generator = Generator.options(
+    model = DubbingModel.options(
         autoscaling_config={"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
                             "target_ongoing_requests": a.target_ongoing_requests},
         max_ongoing_requests=s.max_batch_size * MAX_CONCURRENT_BATCHES,
@@ -55,7 +56,7 @@ def build_app(cfg: ServeJob, token: str | None = None):
                            "num_gpus": 1 if cfg.dub.use_gpu else 0, **env},
     ).bind(cfg)
     return DubbingAPI.options(num_replicas=1, ray_actor_options={"num_cpus": 0.1, **env}) \
-        .bind(generator, cfg, token)
+        .bind(model, cfg, token)
 
 
 def run(cfg: ServeJob) -> int:

@@ -24,31 +24,36 @@ from typing import Optional
 import av
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.security import HTTPBearer
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 from ray import serve
 
 from dheads.platform import storage
 from dheads.platform.config import ServeJob
+from dheads.platform.dubbing.items import DubItem, DubResult
 from dheads.platform.media import AUDIO_EXTS, IMAGE_EXTS, VIDEO_EXTS
 from dheads.serve.jobstore import ItemRecord, JobRecord, JobStore
 from dheads.serve.metrics import CONTENT_TYPE, ServeMetrics
 from dheads.serve.runner import JobRunner
 from dheads.serve.security import UriForbidden, UriPolicy, token_matches
 
-ITEM_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+ITEM_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # item ids name output files
 
 
-class ItemIn(BaseModel):
-    identity: str = Field(description="URI of an image or a video (its chosen frame is the identity)")
-    audio: str = Field(description="URI of wav/mp3/m4a/flac audio or a video with an audio track")
-    output: Optional[str] = Field(None, description="URI of the mp4; default <output_dir>/<job>/<item>.mp4")
-    item_id: Optional[str] = Field(None, pattern=ITEM_ID)
-    identity_frame: Optional[int] = Field(None, ge=0)
+def _matches(pattern: str, s: str) -> bool:
+    return re.match(pattern, s) is not None
 
 
 class JobIn(BaseModel):
-    items: list[ItemIn] = Field(min_length=1)
+    items: list[DubItem] = Field(min_length=1)
     seed: int = 0
+
+    @field_validator("items")
+    @classmethod
+    def _item_ids(cls, items: list[DubItem]) -> list[DubItem]:
+        for item in items:
+            if item.item_id is not None and not _matches(ITEM_ID, item.item_id):
+                raise ValueError(f"item_id {item.item_id!r} must match {ITEM_ID}")
+        return items
 
 
 class JobAccepted(BaseModel):
@@ -74,23 +79,15 @@ class JobView(BaseModel):
     items: list[ItemProgress]
 
 
-class ItemResult(BaseModel):
-    item_id: str
-    status: str
-    output: Optional[str]
-    seconds: Optional[float]
-    reason: Optional[str]
-
-
 class JobResults(BaseModel):
     job_id: str
     status: str
-    results: list[ItemResult]
+    results: list[DubResult]
 
 
 _JOB_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"oneOf": [JobIn.model_json_schema(),
-                                             {"type": "array", "items": ItemIn.model_json_schema()}]}},
+                                             {"type": "array", "items": DubItem.model_json_schema()}]}},
     "multipart/form-data": {"schema": {"type": "object", "required": ["identity", "audio"], "properties": {
         "identity": {"type": "string", "format": "binary"},
         "audio": {"type": "string", "format": "binary"},
@@ -109,10 +106,6 @@ def _fail(status: int, detail: str) -> HTTPException:
 
 # Helpers sit above the deployment: `serve.ingress` serialises the class when
 # it is decorated, so names defined below it would be missing in the replica.
-def _matches(pattern: str, s: str) -> bool:
-    return re.match(pattern, s) is not None
-
-
 def _form_int(form, name: str) -> Optional[int]:
     value = form.get(name)
     if value in (None, ""):
@@ -152,12 +145,12 @@ def _duration_s(uri: str, cfg: ServeJob) -> Optional[float]:
 @serve.deployment
 @serve.ingress(api)
 class DubbingAPI:
-    async def __init__(self, generator, cfg: ServeJob, token: str):
+    async def __init__(self, model, cfg: ServeJob, token: str):
         self.cfg, self.token = cfg, token
         self.policy = UriPolicy(cfg.serve.allowed_uris)
         self.metrics = ServeMetrics()
         self.store = JobStore(cfg.serve.job_store, cfg.storage)
-        self.runner = JobRunner(cfg, generator, self.store, self.metrics)
+        self.runner = JobRunner(cfg, model, self.store, self.metrics)
         await self.runner.resume()
 
     # ------------------------------------------------------------- helpers
@@ -228,10 +221,8 @@ class DubbingAPI:
     async def results(self, job_id: str, request: Request) -> JobResults:
         self._authorize(request)
         job = await self._job(job_id)
-        return JobResults(job_id=job.job_id, status=job.status.value, results=[
-            ItemResult(item_id=i.item_id, status=i.status.value,
-                       output=i.output if i.status.value == "succeeded" else None,
-                       seconds=i.seconds, reason=i.reason) for i in job.items])
+        return JobResults(job_id=job.job_id, status=job.status.value,
+                          results=[i.result() for i in job.items])
 
     @api.delete("/v1/jobs/{job_id}", response_model=JobAccepted, summary="Cancel a job",
              dependencies=[Depends(bearer)])
@@ -257,12 +248,12 @@ class DubbingAPI:
             raise _fail(413, f"{len(spec.items)} items, over the limit of "
                              f"{self.cfg.serve.max_items_per_job} per job")
         job = JobRecord(items=[], seed=spec.seed)
+        out_dir = storage.join(self.cfg.serve.output_dir, job.job_id)
         for n, it in enumerate(spec.items):
-            item_id = it.item_id or f"item{n:04d}"
-            output = it.output or storage.join(self.cfg.serve.output_dir, job.job_id, f"{item_id}.mp4")
-            job.items.append(ItemRecord(item_id=item_id, identity=self._allowed(it.identity),
-                                        audio=self._allowed(it.audio), output=self._allowed(output),
-                                        identity_frame=it.identity_frame))
+            it = it.with_defaults(f"item{n:04d}", out_dir)
+            job.items.append(ItemRecord(**it.model_dump(exclude={"identity", "audio", "output"}),
+                                        identity=self._allowed(it.identity),
+                                        audio=self._allowed(it.audio), output=self._allowed(it.output)))
         _check_unique(job)
         await asyncio.gather(*(self._check_audio_length(i.audio) for i in job.items))
         return job
@@ -302,4 +293,4 @@ class DubbingAPI:
         return job
 
 
-__all__ = ["api", "DubbingAPI", "ItemIn", "JobIn"]
+__all__ = ["api", "DubbingAPI", "JobIn"]

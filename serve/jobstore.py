@@ -19,16 +19,9 @@ from pydantic import BaseModel, Field
 
 from dheads.platform import storage
 from dheads.platform.config import StorageConfig
+from dheads.platform.dubbing.items import FINAL_STATUSES, DubItem, DubResult, ItemStatus
 
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
-
-
-class ItemStatus(str, Enum):
-    queued = "queued"
-    running = "running"
-    succeeded = "succeeded"
-    failed = "failed"
-    cancelled = "cancelled"
 
 
 class JobStatus(str, Enum):
@@ -39,22 +32,22 @@ class JobStatus(str, Enum):
     cancelled = "cancelled"
 
 
-FINAL_ITEM = {ItemStatus.succeeded, ItemStatus.failed, ItemStatus.cancelled}
 FINAL_JOB = {JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled}
 
 
-class ItemRecord(BaseModel):
-    item_id: str
-    identity: str
-    audio: str
-    output: str
-    identity_frame: Optional[int] = None
+class ItemRecord(DubItem):
+    """An item of a job (its `item_id` and `output` always set) and its progress."""
     status: ItemStatus = ItemStatus.queued
     reason: Optional[str] = None
     segments_total: int = 0
     segments_done: int = 0
     seconds: Optional[float] = None
     attempts: int = 0            # times the item was started (restarts resume it)
+
+    def result(self) -> DubResult:
+        return DubResult(item_id=self.item_id, status=self.status,
+                         output=self.output if self.status == ItemStatus.succeeded else None,
+                         seconds=self.seconds, reason=self.reason)
 
 
 class JobRecord(BaseModel):
@@ -66,7 +59,7 @@ class JobRecord(BaseModel):
     items: list[ItemRecord]
 
     def counts(self) -> dict[str, int]:
-        out = {s.value: 0 for s in ItemStatus}
+        out = {s.value: 0 for s in ItemStatus if s != ItemStatus.skipped}  # serve never skips
         for item in self.items:
             out[item.status.value] += 1
         return out
@@ -76,7 +69,7 @@ class JobRecord(BaseModel):
         if self.status == JobStatus.cancelled:
             return self.status
         states = {i.status for i in self.items}
-        if not states <= FINAL_ITEM:
+        if not states <= FINAL_STATUSES:
             self.status = JobStatus.running if states - {ItemStatus.queued} else self.status
         elif ItemStatus.failed in states:
             self.status = JobStatus.failed

@@ -1,11 +1,13 @@
-"""The model deployment: segments in, frames out.
+"""The model deployment `DubbingModel`: segments in, frames out.
 
 Each replica holds one `ContinuousBatcher` (a slot pool of `dub.batch_size`
-segments) stepped by a background thread. `@serve.batch` admits requests in
-batches; up to `max_concurrent_batches` admission batches are in flight at
-once, all feeding the same slot pool, so a segment arriving while others are
-mid-way joins at the next DDIM step (continuous batching) instead of waiting
-for a whole batch to drain.
+segments) stepped by a background thread (`serve/batcher.py`).
+`@serve.batch` admits requests in batches; up to `max_concurrent_batches`
+admission batches are in flight at once, all feeding the same slot pool, so
+a segment arriving while others are mid-way joins at the next denoising
+step (continuous batching) instead of waiting for a whole batch to drain.
+A replica does nothing but sampling: decoding and encoding run in Ray tasks
+(`serve/runner.py`).
 """
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ import time
 from ray import serve
 
 from dheads.platform.config import ServeJob
-from dheads.platform.dubbing import BackgroundBatcher, Segment, build_engine
+from dheads.platform.dubbing.engine import build_engine
+from dheads.platform.dubbing.segments import Segment
+from dheads.serve.batcher import BackgroundBatcher
 
 # Decoration-time upper bounds; the configured values are applied per replica.
 MAX_BATCH_SIZE = 64
@@ -23,7 +27,7 @@ MAX_CONCURRENT_BATCHES = 4
 
 
 @serve.deployment
-class Generator:
+class DubbingModel:
     def __init__(self, cfg: ServeJob):
         engine = build_engine(cfg.checkpoint, cfg.sampler, cfg.dub, cfg.storage)
         self.image_size = engine.image_size

@@ -1,12 +1,15 @@
-"""Runs dubbing jobs inside the ingress replica.
+"""Runs dubbing jobs for the ingress: orchestration only.
 
-Per item: decode + segment (thread), send every segment to the generator
-deployment (Serve routes them across replicas; a segment whose replica died
-is sent again), stitch + encode + write the mp4 atomically (thread), persist
-the job. Items of all jobs share `item_concurrency` slots. An item whose
-output already exists and that the store marks succeeded is never redone;
-one whose output exists but was not yet recorded (a restart between the write
-and the save) is recorded, not regenerated: every output is written once.
+Per item: a Ray task decodes and segments it (`prepare_item`), every segment
+goes to the `DubbingModel` deployment (Serve routes them across replicas; a
+segment whose replica died is sent again), a second Ray task stitches,
+encodes and writes the mp4 atomically (`finish_item`), and the job is
+persisted. The media tasks declare their CPUs (`MEDIA_TASK`), so the
+ingress replica itself only awaits. Items of all jobs share
+`item_concurrency` slots. An item whose output already exists and that the
+store marks succeeded is never redone; one whose output exists but was not
+yet recorded (a restart between the write and the save) is recorded, not
+regenerated: every output is written once.
 """
 from __future__ import annotations
 
@@ -15,12 +18,17 @@ import logging
 import time
 from typing import Optional
 
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+import numpy as np
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
 from dheads.platform import storage
 from dheads.platform.config import ServeJob
-from dheads.platform.dubbing import DubItem, ItemError, Segment, finish_item, prepare_item
-from dheads.serve.jobstore import FINAL_ITEM, FINAL_JOB, ItemRecord, ItemStatus, JobRecord, JobStatus, JobStore
+from dheads.platform.dubbing.items import (
+    FINAL_STATUSES, ItemError, ItemStatus, PreparedItem, finish_item, prepare_item,
+)
+from dheads.platform.dubbing.segments import Segment
+from dheads.serve.jobstore import FINAL_JOB, ItemRecord, JobRecord, JobStatus, JobStore
 from dheads.serve.metrics import ServeMetrics
 
 log = logging.getLogger("ray.serve")
@@ -28,10 +36,33 @@ log = logging.getLogger("ray.serve")
 # Errors that mean "the replica went away", not "the segment is bad".
 REPLICA_LOST = (ActorDiedError, ActorUnavailableError, RayActorError)
 
+# Ray resources of one decode or encode task: PyAV decoding, the face crop and
+# the H.264 encode keep about one core busy.
+MEDIA_TASK = {"num_cpus": 1.0}
+
+
+def _finish(prepared: PreparedItem, frames: list[np.ndarray], storage_cfg) -> float:
+    by_index = {s.index: f for s, f in zip(prepared.segments, frames)}
+    return finish_item(prepared.item.output, prepared.segments, by_index, storage_cfg)
+
+
+_prepare_task = ray.remote(prepare_item)
+_finish_task = ray.remote(_finish)
+
+
+async def _unwrap(ref: ray.ObjectRef):
+    """Await a media task; its ItemError (a reason for the user) comes back as itself."""
+    try:
+        return await ref
+    except RayTaskError as e:
+        if isinstance(e.cause, Exception):
+            raise e.cause from None
+        raise
+
 
 class JobRunner:
-    def __init__(self, cfg: ServeJob, generator, store: JobStore, metrics: ServeMetrics):
-        self.cfg, self.generator, self.store, self.metrics = cfg, generator, store, metrics
+    def __init__(self, cfg: ServeJob, model, store: JobStore, metrics: ServeMetrics):
+        self.cfg, self.model, self.store, self.metrics = cfg, model, store, metrics
         self.jobs: dict[str, JobRecord] = {}
         self.tasks: dict[str, asyncio.Task] = {}
         self.item_slots = asyncio.Semaphore(cfg.serve.item_concurrency)
@@ -67,7 +98,7 @@ class JobRunner:
             return job
         job.status = JobStatus.cancelled
         for item in job.items:
-            if item.status not in FINAL_ITEM:
+            if item.status not in FINAL_STATUSES:
                 item.status, item.reason = ItemStatus.cancelled, "job cancelled"
         task = self.tasks.pop(job_id, None)
         if task is not None:
@@ -77,14 +108,14 @@ class JobRunner:
 
     async def image_size(self) -> int:
         if self._image_size is None:
-            info = await self._call(lambda: self.generator.info.remote())
+            info = await self._call(lambda: self.model.info.remote())
             self._image_size = int(info["image_size"])
         return self._image_size
 
     # ----------------------------------------------------------------- jobs
     async def _run_job(self, job: JobRecord) -> None:
         try:
-            pending = [i for i in job.items if i.status not in FINAL_ITEM]
+            pending = [i for i in job.items if i.status not in FINAL_STATUSES]
             await asyncio.gather(*(self._run_item(job, i) for i in pending))
             job.settle()
             await self._save(job)
@@ -125,21 +156,23 @@ class JobRunner:
             await self._save(job)
 
     async def _dub(self, job: JobRecord, rec: ItemRecord) -> float:
-        item = DubItem(rec.item_id, rec.identity, rec.audio, rec.output, rec.identity_frame)
         size = await self.image_size()
-        prepared = await asyncio.to_thread(prepare_item, item, self.cfg.dub, size,
-                                           self.cfg.storage, job.seed)
+        item = rec.model_copy()  # the task gets the item as it is now
+        prepared_ref = _prepare_task.options(**MEDIA_TASK).remote(item, self.cfg.dub, size,
+                                                                  self.cfg.storage, job.seed)
+        prepared: PreparedItem = await _unwrap(prepared_ref)
         rec.segments_total, rec.segments_done = len(prepared.segments), 0
         frames = await asyncio.gather(*(self._generate(rec, s) for s in prepared.segments))
-        results = {s.index: f for s, f in zip(prepared.segments, frames)}
-        return await asyncio.to_thread(finish_item, prepared, results, self.cfg.storage)
+        # the task reads the prepared item from the object store, not from here
+        return await _unwrap(_finish_task.options(**MEDIA_TASK).remote(prepared_ref, frames,
+                                                                        self.cfg.storage))
 
     async def _generate(self, rec: ItemRecord, segment: Segment):
         t0 = time.perf_counter()
         self.in_flight += 1
         self.metrics.queue_depth.set(self.in_flight)
         try:
-            out = await self._call(lambda: self.generator.generate.remote(segment))
+            out = await self._call(lambda: self.model.generate.remote(segment))
         finally:
             self.in_flight -= 1
             self.metrics.queue_depth.set(self.in_flight)
@@ -155,7 +188,7 @@ class JobRunner:
         return out["frames"]
 
     async def _call(self, make_request):
-        """Await a generator call, re-sending it when its replica is lost."""
+        """Await a model call, re-sending it when its replica is lost."""
         retries = self.cfg.serve.segment_retries
         for attempt in range(retries + 1):
             try:
@@ -163,7 +196,7 @@ class JobRunner:
             except REPLICA_LOST:
                 if attempt == retries:
                     raise
-                log.warning("generator replica lost; re-sending (attempt %d)", attempt + 1)
+                log.warning("model replica lost; re-sending (attempt %d)", attempt + 1)
                 await asyncio.sleep(min(0.5 * 2 ** attempt, 5.0))  # Serve replaces the replica
 
     async def _save(self, job: JobRecord) -> None:

@@ -184,3 +184,72 @@ def synth_dir(tmp_path_factory) -> Path:
 def video_factory():
     """`make_video(path, ...)` (above) for tests that build their own media files."""
     return make_video
+
+
+# ------------------------------------------------------------ dubbing inputs
+def tiny_checkpoint(path, image_size: int = 16, channels: int | None = 16, seed: int = 0) -> str:
+    """A random-init `tiny`-preset model checkpoint at `image_size`, shrunk to
+    `channels` (None: the preset's width)."""
+    import torch
+
+    from dheads.model.checkpoint import save_checkpoint
+    from dheads.model.config import DiffusionConfig
+    from dheads.model.unet import DiffusedHeads
+    from dheads.platform.config import compose
+
+    shrink = [f"model.model_channels={channels}", "model.num_groups=8",
+              f"model.num_head_channels={channels}"] if channels else []
+    cfg = compose("info", ["model=tiny", f"model.image_size={image_size}", *shrink]).model
+    torch.manual_seed(seed)
+    save_checkpoint(path, DiffusedHeads(cfg), cfg, DiffusionConfig())
+    return str(path)
+
+
+def speech(seconds: float, seed: int = 0, sample_rate: int = 16000):
+    """Speech-like mono float32 audio with pauses (dheads synth's voice)."""
+    import numpy as np
+
+    from dheads.jobs.synthface import synth_speech
+
+    return synth_speech(np.random.default_rng(seed), int(round(seconds * sample_rate)), sample_rate)
+
+
+_AUDIO_CODECS = {".wav": ("wav", "pcm_s16le", "s16"), ".flac": ("flac", "flac", "s16"),
+                 ".m4a": ("mp4", "aac", "fltp"), ".mp3": ("mp3", "libmp3lame", "fltp")}
+
+
+def write_audio(path, audio, sample_rate: int = 16000) -> None:
+    """Encode mono float32 audio by the file's extension (.wav .flac .m4a .mp3)."""
+    from fractions import Fraction
+
+    import av
+    import numpy as np
+
+    fmt, codec, sample_fmt = _AUDIO_CODECS[Path(path).suffix.lower()]
+    pcm = np.clip(np.asarray(audio, np.float32), -1, 1)
+    if sample_fmt == "s16":
+        pcm = (pcm * 32767).astype(np.int16)
+    with av.open(str(path), "w", format=fmt) as out:
+        stream = out.add_stream(codec, rate=sample_rate)
+        stream.layout = "mono"
+        for start in range(0, len(pcm), 1024):
+            frame = av.AudioFrame.from_ndarray(pcm[None, start:start + 1024], format=sample_fmt,
+                                               layout="mono")
+            frame.sample_rate, frame.pts = sample_rate, start
+            frame.time_base = Fraction(1, sample_rate)
+            for pkt in stream.encode(frame):
+                out.mux(pkt)
+        for pkt in stream.encode():
+            out.mux(pkt)
+
+
+@pytest.fixture(scope="session")
+def dub_inputs():
+    """Synthetic dubbing inputs: `tiny_checkpoint(path, ...)`, `face_image(id, size)`
+    (a procedural face), `speech(seconds, seed)`, `write_audio(path, audio)`."""
+    from types import SimpleNamespace
+
+    from dheads.jobs.synthface import still_face
+
+    return SimpleNamespace(tiny_checkpoint=tiny_checkpoint, face_image=still_face, speech=speech,
+                           write_audio=write_audio)

@@ -10,22 +10,21 @@ import pytest
 from dheads.platform import storage
 from dheads.platform.config import compose
 from dheads.platform.media import probe
-from dheads.serve.demo import face_image, speech, tiny_checkpoint, write_audio
 
 
 @pytest.fixture
-def manifest(s3_bucket, tmp_path):
+def manifest(s3_bucket, tmp_path, dub_inputs):
     from PIL import Image
 
     bucket, st = s3_bucket
-    ckpt = tiny_checkpoint(tmp_path / "ckpt")
+    ckpt = dub_inputs.tiny_checkpoint(tmp_path / "ckpt")
     for name in ("config.json", "model.safetensors"):
         storage.upload_file(f"{ckpt}/{name}", f"s3://{bucket}/ckpt/{name}", st)
     rows = []
     for i in range(20):
-        Image.fromarray(face_image(i)).save(tmp_path / f"id{i}.png")
+        Image.fromarray(dub_inputs.face_image(i)).save(tmp_path / f"id{i}.png")
         ext = (".wav", ".flac", ".m4a")[i % 3]
-        write_audio(tmp_path / f"a{i}{ext}", speech(0.6 + 0.05 * i, seed=i))
+        dub_inputs.write_audio(tmp_path / f"a{i}{ext}", dub_inputs.speech(0.6 + 0.05 * i, seed=i))
         for local in (f"id{i}.png", f"a{i}{ext}"):
             storage.upload_file(tmp_path / local, f"s3://{bucket}/in/{local}", st)
         rows.append({"item_id": f"clip{i:02d}", "identity": f"s3://{bucket}/in/id{i}.png",

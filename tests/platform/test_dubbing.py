@@ -1,4 +1,4 @@
-"""The dubbing core without Ray: segmenting, stitching, continuous batching, mp4 out."""
+"""The dubbing package without Ray: segmenting, rows, stitching, items, continuous batching."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,17 +6,28 @@ import pytest
 
 from dheads.model.config import SamplerConfig
 from dheads.platform.config import DubConfig
-from dheads.platform.dubbing import (
-    FPS, SAMPLES_PER_FRAME, DubItem, build_engine, dub_items, frame_energy, plan_segments,
+from dheads.platform.dubbing.engine import build_engine
+from dheads.platform.dubbing.items import DubItem, ItemError, finish_item, prepare_item
+from dheads.platform.dubbing.segments import (
+    FPS, SAMPLES_PER_FRAME, Segment, assemble, frame_energy, item_audio, plan_segments,
     segment_item, stitch,
 )
-from dheads.platform.media import probe
-from dheads.serve.demo import face_image, speech, tiny_checkpoint, write_audio
+from dheads.platform.media import fit_length, probe, read_audio
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+def checkpoint(tmp_path_factory, dub_inputs):
+    return dub_inputs.tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def speech(dub_inputs):
+    return dub_inputs.speech
+
+
+@pytest.fixture(scope="module")
+def face_image(dub_inputs):
+    return dub_inputs.face_image
 
 
 def test_segments_cut_at_quiet_frames_and_respect_max_length():
@@ -32,7 +43,7 @@ def test_segments_cut_at_quiet_frames_and_respect_max_length():
     assert [e for _, e in bounds[:-1]] == quiet
 
 
-def test_segment_item_covers_audio_with_crossfade_tails():
+def test_segment_item_covers_audio_with_crossfade_tails(speech):
     audio = speech(20.0, seed=1)
     cfg = DubConfig(max_segment_s=8.0, crossfade_frames=3)
     segs = segment_item("x", np.zeros((16, 16, 3), np.uint8), audio, cfg)
@@ -56,7 +67,7 @@ def test_stitch_crossfades_linearly_at_joints():
     assert list(out[7:10, 0, 0, 0]) == [50, 100, 150]                 # 200 * j / 4
 
 
-def test_continuous_batching_refills_slots_and_matches_single_runs(checkpoint):
+def test_continuous_batching_refills_slots_and_matches_single_runs(checkpoint, speech, face_image):
     engine = build_engine(checkpoint, SamplerConfig(steps="ddim2"), DubConfig(batch_size=2, num_threads=1))
     cfg = DubConfig(max_segment_s=0.4, min_segment_s=0.12, crossfade_frames=1)
     ident = face_image(0, 16)
@@ -75,21 +86,69 @@ def test_continuous_batching_refills_slots_and_matches_single_runs(checkpoint):
     assert engine.stats.frames == sum(s.n_frames for s in segs) and engine.stats.segments == len(segs)
 
 
-def test_dub_items_writes_mp4_with_original_audio_and_reports_errors(checkpoint, tmp_path):
+def test_segments_round_trip_through_rows_and_give_back_the_items_audio(speech):
+    audio = speech(9.3, seed=4)
+    ident = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    segs = segment_item("x", ident, audio, DubConfig(max_segment_s=3.0, min_segment_s=1.0), seed=5)
+    assert len(segs) >= 3
+    back = [Segment.from_row(s.to_row()) for s in segs]
+    for a, b in zip(segs, back):
+        assert (a.item_id, a.index, a.count, a.start, a.n_frames, a.item_frames, a.seed) == \
+            (b.item_id, b.index, b.count, b.start, b.n_frames, b.item_frames, b.seed)
+        assert np.array_equal(a.identity, b.identity) and np.array_equal(a.audio, b.audio)
+    assert [s.seed for s in segs] == [5 * 1_000_003 + i for i in range(len(segs))]  # clip_seed
+    # the output's audio track, rebuilt from the segments, is the input at the video's length
+    n = segs[0].item_frames
+    assert np.array_equal(item_audio(back), fit_length(audio, n * SAMPLES_PER_FRAME))
+
+
+def test_assemble_refuses_a_missing_segment():
+    segs = [Segment("x", i, 2, 5 * i, 5, np.zeros((2, 2, 3), np.uint8),
+                    np.zeros((5 + 16) * SAMPLES_PER_FRAME, np.float32), 10) for i in range(2)]
+    frames = {0: np.zeros((5, 2, 2, 3), np.uint8)}
+    with pytest.raises(ValueError, match="1 of 2 segments"):
+        assemble(segs, frames)
+    video, audio = assemble(segs, {**frames, 1: np.full((5, 2, 2, 3), 9, np.uint8)})
+    assert video.shape == (10, 2, 2, 3) and video[9, 0, 0, 0] == 9 and audio.shape == (6400,)
+
+
+def test_manifest_rows_become_items_with_defaults():
+    item = DubItem.from_row({"identity": "/in/id.png", "audio": "/in/talk 1.wav",
+                             "identity_frame": float("nan")}, "/out")
+    assert (item.item_id, item.output, item.identity_frame) == ("talk 1", "/out/talk 1.mp4", None)
+    item = DubItem.from_row({"identity": "a.mp4", "audio": "b.wav", "item_id": "z", "output": "/o/z.mp4",
+                             "identity_frame": 3})
+    assert (item.item_id, item.output, item.identity_frame) == ("z", "/o/z.mp4", 3)
+    with pytest.raises(ItemError, match="missing"):
+        DubItem.from_row({"identity": "a.png"}, "/out")
+    with pytest.raises(ItemError, match="output"):
+        DubItem.from_row({"identity": "a.png", "audio": "b.wav"})
+
+
+def test_an_item_is_decoded_once_and_written_with_its_own_audio(tmp_path, speech, face_image, dub_inputs):
     from PIL import Image
 
-    Image.fromarray(face_image(3)).save(tmp_path / "id.png")
-    write_audio(tmp_path / "a.flac", speech(2.5, seed=3))
-    (tmp_path / "bad.wav").write_bytes(b"RIFF not really a wav")
-    engine = build_engine(checkpoint, SamplerConfig(steps="ddim2"), DubConfig(batch_size=4, num_threads=1))
-    cfg = DubConfig(max_segment_s=1.0, min_segment_s=0.3)
-    items = [DubItem("ok", str(tmp_path / "id.png"), str(tmp_path / "a.flac"), str(tmp_path / "o/ok.mp4")),
-             DubItem("bad", str(tmp_path / "id.png"), str(tmp_path / "bad.wav"), str(tmp_path / "o/bad.mp4"))]
-    rows = dub_items(engine, items, cfg)
-    assert [r["status"] for r in rows] == ["succeeded", "failed"]
-    assert "audio" in rows[1]["reason"] and not (tmp_path / "o/bad.mp4").exists()
-    info = probe(tmp_path / "o/ok.mp4")
-    assert info["video"]["codec"] == "h264" and info["audio"]["codec"] == "aac"
-    assert abs(info["video"]["frames"] - 2.5 * FPS) <= 1
-    assert abs(info["audio"]["duration_s"] - 2.5) <= 1 / FPS + 1e-6
-    assert not [p for p in (tmp_path / "o").iterdir() if p.name.startswith("_tmp")]
+    Image.fromarray(face_image(2)).save(tmp_path / "id.png")
+    audio = speech(2.4, seed=6)
+    dub_inputs.write_audio(tmp_path / "a.wav", audio)
+    item = DubItem(item_id="i", identity=str(tmp_path / "id.png"), audio=str(tmp_path / "a.wav"),
+                   output=str(tmp_path / "o" / "i.mp4"))
+    prepared = prepare_item(item, DubConfig(max_segment_s=1.0, min_segment_s=0.3), 16)
+    assert prepared.n_frames == 60 and len(prepared.segments) >= 2
+    frames = {s.index: np.full((s.n_frames, 16, 16, 3), 100, np.uint8) for s in prepared.segments}
+    seconds = finish_item(item.output, prepared.segments, frames)
+    assert seconds == prepared.n_frames / FPS
+    info = probe(tmp_path / "o" / "i.mp4")
+    assert info["video"]["frames"] == prepared.n_frames
+    # AAC round trip of the original audio (its encoder delay trimmed by the decoder)
+    out = fit_length(read_audio(tmp_path / "o" / "i.mp4"), prepared.n_frames * SAMPLES_PER_FRAME)
+    ref = fit_length(audio, prepared.n_frames * SAMPLES_PER_FRAME)
+    assert np.corrcoef(out, ref)[0, 1] > 0.9
+
+
+def test_dub_and_serve_configs_take_the_schema_defaults():
+    from dheads.platform.config import ServeConfig, compose
+
+    dub, served = compose("dub"), compose("serve")
+    assert dub.dub == DubConfig() and served.dub == DubConfig() and served.serve == ServeConfig()
+    assert compose("dub", ["dub.batch_size=4"]).dub.batch_size == 4

@@ -18,7 +18,6 @@ import requests
 from dheads.platform import storage
 from dheads.platform.config import ServeJob, compose
 from dheads.platform.media import probe, write_video
-from dheads.serve.demo import face_image, speech, tiny_checkpoint, write_audio
 from dheads.serve.jobstore import JobStore
 
 TOKEN = "test-token-" + uuid.uuid4().hex
@@ -56,14 +55,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _mp4_with_audio(path, seconds: float, seed: int) -> None:
+def _mp4_with_audio(path, seconds: float, seed: int, inputs) -> None:
     n = int(seconds * 25)
-    frames = np.repeat(face_image(seed, 32)[None], n, 0)
-    write_video(path, frames, audio=speech(seconds, seed=seed))
+    frames = np.repeat(inputs.face_image(seed, 32)[None], n, 0)
+    write_video(path, frames, audio=inputs.speech(seconds, seed=seed))
 
 
 @pytest.fixture(scope="module")
-def service(ray_session, s3_server, tmp_path_factory):
+def service(ray_session, s3_server, tmp_path_factory, dub_inputs):
     import boto3
     from ray import serve
     from PIL import Image
@@ -73,13 +72,14 @@ def service(ray_session, s3_server, tmp_path_factory):
     bucket = f"dub-{uuid.uuid4().hex[:8]}"
     boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=bucket)
     tmp = tmp_path_factory.mktemp("serve")
-    ckpt = tiny_checkpoint(tmp / "ckpt")
+    face_image, speech, write_audio = dub_inputs.face_image, dub_inputs.speech, dub_inputs.write_audio
+    ckpt = dub_inputs.tiny_checkpoint(tmp / "ckpt")
     Image.fromarray(face_image(1)).save(tmp / "id.png")
     write_video(tmp / "id.mp4", np.stack([face_image(i % 3 + 2) for i in range(8)]))  # no audio
     write_audio(tmp / "a20.wav", speech(20.0, seed=20))
     write_audio(tmp / "a2.flac", speech(2.0, seed=2))
     write_audio(tmp / "a15.m4a", speech(1.5, seed=15))
-    _mp4_with_audio(tmp / "v12.mp4", 1.2, seed=12)
+    _mp4_with_audio(tmp / "v12.mp4", 1.2, seed=12, inputs=dub_inputs)
     write_audio(tmp / "a40.wav", speech(40.0, seed=40))
     for i in range(4):
         write_audio(tmp / f"s{i}.wav", speech(6.0, seed=100 + i))
@@ -188,12 +188,12 @@ def test_job_fans_out_completes_and_reports_the_corrupt_item(service):
     assert "dheads_queue_depth" in after
 
 
-def test_multipart_upload_and_cancel(service, tmp_path):
+def test_multipart_upload_and_cancel(service, tmp_path, dub_inputs):
     svc = service
-    write_audio(tmp_path / "up.wav", speech(1.0, seed=7))
+    dub_inputs.write_audio(tmp_path / "up.wav", dub_inputs.speech(1.0, seed=7))
     from PIL import Image
 
-    Image.fromarray(face_image(7)).save(tmp_path / "up.png")
+    Image.fromarray(dub_inputs.face_image(7)).save(tmp_path / "up.png")
     files = {"identity": ("up.png", (tmp_path / "up.png").read_bytes()),
              "audio": ("up.wav", (tmp_path / "up.wav").read_bytes())}
     r = svc.post(files=files, data={"item_id": "upload"})
@@ -211,7 +211,7 @@ def test_multipart_upload_and_cancel(service, tmp_path):
 
 
 
-def test_killing_generator_replicas_mid_job_completes_every_item_once(service):
+def test_killing_model_replicas_mid_job_completes_every_item_once(service):
     import ray
 
     svc = service
@@ -219,7 +219,7 @@ def test_killing_generator_replicas_mid_job_completes_every_item_once(service):
     job_id = r.json()["job_id"]
     svc.wait(job_id, until=lambda j: any(i["segments_total"] for i in j["items"]))
     replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
-                if "#Generator#" in a["name"]]
+                if "#DubbingModel#" in a["name"]]
     assert replicas
     for a in replicas:
         ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]))
@@ -228,7 +228,7 @@ def test_killing_generator_replicas_mid_job_completes_every_item_once(service):
     assert job["status"] == "succeeded", job
     stored = JobStore(svc.cfg.serve.job_store, svc.cfg.storage).load(job_id)
     assert [i.attempts for i in stored.items] == [1] * 4      # segments re-sent, items not redone
-    now = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "#Generator#" in a["name"]}
+    now = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "#DubbingModel#" in a["name"]}
     assert now and not now & {a["name"] for a in replicas}    # replacement replicas did the rest
     results = svc.get(f"/v1/jobs/{job_id}/results").json()["results"]
     assert sorted(x["item_id"] for x in results) == [f"k{i}" for i in range(4)]
@@ -265,7 +265,7 @@ def test_nothing_runs_at_import():
     import subprocess
     import sys
 
-    code = ("import ray, dheads.serve.app, dheads.serve.ingress, dheads.serve.generator, "
-            "dheads.jobs.dub; assert not ray.is_initialized(); print('clean')")
+    code = ("import ray, dheads.serve.app, dheads.serve.ingress, dheads.serve.model, "
+            "dheads.serve.runner, dheads.jobs.dub; assert not ray.is_initialized(); print('clean')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "clean", out.stderr

@@ -4,26 +4,25 @@ import pytest
 from dheads.model.checkpoint import CheckpointError
 from dheads.platform.config import ConfigError
 from dheads.serve.app import app_builder
-from dheads.serve.demo import tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+def checkpoint(tmp_path_factory, dub_inputs):
+    return dub_inputs.tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
 def test_app_builder_composes_overrides(monkeypatch, checkpoint):
     monkeypatch.setenv("DHEADS_API_TOKEN", "secret")
     app = app_builder({"overrides": [f"checkpoint={checkpoint}", "serve.autoscaling.max_replicas=3",
                                      "sampler.steps=ddim5"]})
-    # Application -> the ingress deployment, bound to (generator app, ServeJob, token)
+    # Application -> the ingress deployment, bound to (model app, ServeJob, token)
     ingress = app._bound_deployment
-    generator_app, job, token = ingress.init_args
+    model_app, job, token = ingress.init_args
     assert token == "secret"
     assert job.checkpoint == str(checkpoint) and job.sampler.steps == "ddim5"
-    generator = generator_app._bound_deployment
-    assert generator.name != ingress.name
-    assert generator._deployment_config.autoscaling_config.max_replicas == 3
+    model = model_app._bound_deployment
+    assert model.name == "DubbingModel" and model.name != ingress.name
+    assert model._deployment_config.autoscaling_config.max_replicas == 3
     assert ingress._deployment_config.num_replicas == 1  # the ingress owns the running jobs
 
 

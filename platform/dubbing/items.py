@@ -1,0 +1,179 @@
+"""Dubbing items: the one item type, its media I/O, and its result.
+
+An item is an identity (an image, or a video whose chosen frame is cropped
+as in preprocessing) + audio (any audio file or a video's audio track) + the
+URI of the mp4 to write. `prepare_item` decodes both inputs once and cuts the
+audio into segments; `finish_item` stitches the generated segments, muxes the
+item's own audio back (rebuilt from the segments) and writes the mp4
+atomically.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from pydantic import BaseModel, Field, ValidationError
+
+from dheads.platform import storage
+from dheads.platform.config import DubConfig, FaceDetector, StorageConfig
+from dheads.platform.dubbing.segments import (
+    FPS, SAMPLE_RATE, Segment, assemble, n_video_frames, segment_item,
+)
+from dheads.platform.media import IMAGE_EXTS, MediaError, read_audio, read_image, read_video, write_video
+
+
+class ItemError(ValueError):
+    """An item that cannot be dubbed; the message is the reason shown to users."""
+
+
+class ItemStatus(str, Enum):
+    queued = "queued"          # (serve) accepted, not started
+    running = "running"        # (serve) being prepared, sampled or written
+    succeeded = "succeeded"    # the output was written
+    skipped = "skipped"        # (dub) the output existed already: a re-run
+    failed = "failed"          # with a reason
+    cancelled = "cancelled"    # (serve) its job was cancelled
+
+
+FINAL_STATUSES = frozenset({ItemStatus.succeeded, ItemStatus.skipped, ItemStatus.failed,
+                            ItemStatus.cancelled})
+
+
+class DubItem(BaseModel):
+    """One item to dub: the request item of the HTTP API, the base of the job
+    store's record, a manifest row of `dheads dub`, what `prepare_item` reads.
+
+    `item_id` and `output` may be left out by a request; the job fills them
+    in (`with_defaults`) before anything runs.
+    """
+    identity: str = Field(description="URI of an image or a video (its chosen frame is the identity)")
+    audio: str = Field(description="URI of wav/mp3/m4a/flac audio or a video with an audio track")
+    output: Optional[str] = Field(None, description="URI of the mp4; default <output_dir>/[<job>/]<item_id>.mp4")
+    item_id: Optional[str] = Field(None, description="default: item<n> (API), the audio's file stem (manifest)")
+    identity_frame: Optional[int] = Field(None, ge=0, description="frame of an identity video; default dub.identity_frame")
+
+    def with_defaults(self, item_id: str, output_dir: str) -> "DubItem":
+        """This item with `item_id` and `output` (`<output_dir>/<item_id>.mp4`) set where missing."""
+        item_id = self.item_id or item_id
+        return self.model_copy(update={"item_id": item_id,
+                                       "output": self.output or storage.join(output_dir, f"{item_id}.mp4")})
+
+    @classmethod
+    def from_row(cls, row: dict, output_dir: str | None = None) -> "DubItem":
+        """A manifest row -> DubItem with `item_id` (default: the audio's file
+        stem) and `output` (default: `<output_dir>/<item_id>.mp4`) set."""
+        missing = [k for k in ("identity", "audio") if not row.get(k)]
+        if missing:
+            raise ItemError(f"missing field(s) {missing}")
+        frame = row.get("identity_frame")
+        frame = None if frame is None or (isinstance(frame, float) and math.isnan(frame)) else int(frame)
+        try:
+            item = cls(identity=str(row["identity"]), audio=str(row["audio"]),
+                       output=str(row["output"]) if row.get("output") else None,
+                       item_id=str(row.get("item_id") or row.get("id") or Path(str(row["audio"])).stem),
+                       identity_frame=frame)
+        except ValidationError as e:
+            raise ItemError(str(e.errors(include_url=False, include_context=False))) from e
+        if item.output is None and not output_dir:
+            raise ItemError("missing field 'output' and no output directory configured")
+        return item.with_defaults(item.item_id, output_dir or "")
+
+
+class DubResult(BaseModel):
+    """What became of an item: the `dheads dub` results table and the API's results."""
+    item_id: str
+    status: ItemStatus
+    output: Optional[str] = None
+    seconds: Optional[float] = None     # of video written
+    reason: Optional[str] = None
+
+    def to_row(self) -> dict:
+        """The row of `results.parquet` / `results.jsonl`."""
+        return {"item": self.item_id, "status": self.status.value, "output": self.output,
+                "seconds": self.seconds, "reason": self.reason}
+
+
+# --------------------------------------------------------------- media in
+def load_identity(uri: str, size: int, cfg: DubConfig, frame: Optional[int] = None,
+                  storage_cfg: StorageConfig | None = None) -> np.ndarray:
+    """The identity frame `[size, size, 3]` uint8: an image, or frame `frame` of
+    a video, face-cropped with the preprocessing detector and margin."""
+    from dheads.platform.faces import crop_boxes, crop_resize, face_track
+
+    with storage.local_path(uri, storage_cfg) as path:
+        if Path(uri).suffix.lower() in IMAGE_EXTS:
+            image = read_image(path)
+        else:
+            clip = read_video(path, fps=FPS, require_audio=False)
+            index = cfg.identity_frame if frame is None else frame
+            image = clip.frames[min(max(index, 0), clip.n_frames - 1)]
+    detector = FaceDetector(cfg.face_detector)
+    boxes = crop_boxes(face_track(image[None], detector), cfg.face_margin, detector)
+    return crop_resize(image[None], boxes, size)[0]
+
+
+def load_audio(uri: str, storage_cfg: StorageConfig | None = None) -> np.ndarray:
+    """Any audio file, or a video's audio track -> `[S]` float32, 16 kHz mono."""
+    with storage.local_path(uri, storage_cfg) as path:
+        audio = read_audio(path, SAMPLE_RATE)
+    if not np.isfinite(audio).all():
+        raise MediaError("audio", "audio holds NaN/inf samples")
+    return audio
+
+
+@dataclass
+class PreparedItem:
+    item: DubItem
+    n_frames: int               # of the output video
+    segments: list[Segment]
+
+
+def prepare_item(item: DubItem, cfg: DubConfig, image_size: int,
+                 storage_cfg: StorageConfig | None = None, seed: int = 0) -> PreparedItem:
+    """Decode identity and audio (once), check limits, and segment. Raises
+    ItemError (with the media stage in the message) for anything a user must fix."""
+    try:
+        audio = load_audio(item.audio, storage_cfg)
+    except (MediaError, storage.StorageError) as e:
+        raise ItemError(f"audio {item.audio}: {e}") from e
+    seconds = len(audio) / SAMPLE_RATE
+    if seconds > cfg.max_audio_s:
+        raise ItemError(f"audio is {seconds:.1f} s, over the limit of {cfg.max_audio_s:g} s")
+    if seconds < 1.0 / FPS:
+        raise ItemError("audio is shorter than one video frame")
+    try:
+        identity = load_identity(item.identity, image_size, cfg, item.identity_frame, storage_cfg)
+    except (MediaError, storage.StorageError, ValueError) as e:
+        raise ItemError(f"identity {item.identity}: {e}") from e
+    segments = segment_item(item.item_id, identity, audio, cfg, seed)
+    return PreparedItem(item, n_video_frames(len(audio)), segments)
+
+
+# -------------------------------------------------------------- media out
+def write_output(uri: str, frames: np.ndarray, audio: np.ndarray,
+                 storage_cfg: StorageConfig | None = None) -> float:
+    """Encode H.264 + AAC and write atomically to `uri` (temporary name, then
+    rename / copy). Returns the video's seconds."""
+    with tempfile.TemporaryDirectory(prefix="dheads-dub-") as tmp:
+        local = os.path.join(tmp, "out.mp4")
+        write_video(local, frames, fps=FPS, audio=audio, sample_rate=SAMPLE_RATE)
+        storage.upload_file(local, uri, storage_cfg)
+    return len(frames) / FPS
+
+
+def finish_item(output: str, segments: list[Segment], frames: dict[int, np.ndarray],
+                storage_cfg: StorageConfig | None = None) -> float:
+    """Stitch an item's generated segments (`frames` by segment index) and
+    write its mp4 with the item's audio. Returns the video's seconds."""
+    video, audio = assemble(segments, frames)
+    return write_output(output, video, audio, storage_cfg)
+
+
+__all__ = ["ItemError", "ItemStatus", "FINAL_STATUSES", "DubItem", "DubResult", "PreparedItem",
+           "load_identity", "load_audio", "prepare_item", "write_output", "finish_item"]
