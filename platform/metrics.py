@@ -1,32 +1,67 @@
-"""Prometheus metrics shared by the jobs (prometheus-client).
+"""Prometheus metrics, the one way every dheads job exports them (prometheus-client).
 
-One process-wide `REGISTRY` (not the client's global default, so importing
-this module never collides with a library's own collectors). Jobs create
-their gauges through `gauge()`, which returns the same gauge for the same
-name, then either expose the registry over HTTP (`serve`, for a Prometheus
-scrape) or push it to a Pushgateway (`push`, for batch jobs that end). On a
-Ray cluster, training is scraped from the rank-0 worker at
-`trainer.metrics_port`.
+Metrics are `dheads_<name>` collectors on a registry: the process-wide
+`REGISTRY` (not the client's global default, so importing this module never
+collides with a library's own collectors) unless a job passes its own (a
+batch job that reports one run's totals). `gauge` / `counter` / `histogram`
+return the same collector for the same name and registry. A registry leaves
+the process one of three ways, by the kind of job:
+
+- `render()`: the text format, for an HTTP handler (the Serve ingress's
+  `/metrics`) or a file beside a batch job's output;
+- `serve(port)`: an HTTP endpoint for a Prometheus scrape (training: the
+  rank-0 worker at `trainer.metrics_port`);
+- `push(gateway, job)`: a Pushgateway, for batch jobs that end.
 """
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Gauge, push_to_gateway, start_http_server
+from prometheus_client import (
+    CollectorRegistry, Counter, Gauge, Histogram, generate_latest, push_to_gateway, start_http_server,
+)
 
 REGISTRY = CollectorRegistry(auto_describe=True)
-_gauges: dict[str, Gauge] = {}
+# the text format `render` writes (prometheus-client's exposition 0.0.4)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_made: "weakref.WeakKeyDictionary[CollectorRegistry, dict]" = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 _servers: dict[int, object] = {}
 
 
-def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
-    """The gauge `dheads_<name>` of `REGISTRY`, created on first use."""
+def _collector(kind, name: str, doc: str, labels: tuple[str, ...],
+               registry: CollectorRegistry | None, **kw):
+    registry = REGISTRY if registry is None else registry
     with _lock:
-        if name not in _gauges:
-            _gauges[name] = Gauge(f"dheads_{name}", doc, labelnames=labels, registry=REGISTRY)
-        return _gauges[name]
+        made = _made.setdefault(registry, {})
+        if name not in made:
+            made[name] = kind(f"dheads_{name}", doc, labelnames=labels, registry=registry, **kw)
+        return made[name]
+
+
+def gauge(name: str, doc: str, labels: tuple[str, ...] = (),
+          registry: CollectorRegistry | None = None) -> Gauge:
+    """The gauge `dheads_<name>`, created on first use."""
+    return _collector(Gauge, name, doc, labels, registry)
+
+
+def counter(name: str, doc: str, labels: tuple[str, ...] = (),
+            registry: CollectorRegistry | None = None) -> Counter:
+    """The counter `dheads_<name>` (exposed as `dheads_<name>_total`)."""
+    return _collector(Counter, name, doc, labels, registry)
+
+
+def histogram(name: str, doc: str, buckets: tuple[float, ...], labels: tuple[str, ...] = (),
+              registry: CollectorRegistry | None = None) -> Histogram:
+    """The histogram `dheads_<name>` with `buckets`."""
+    return _collector(Histogram, name, doc, labels, registry, buckets=buckets)
+
+
+def render(registry: CollectorRegistry | None = None) -> bytes:
+    """The registry in the Prometheus text format (`CONTENT_TYPE`)."""
+    return generate_latest(REGISTRY if registry is None else registry)
 
 
 def serve(port: int, addr: str = "127.0.0.1") -> int:
@@ -41,9 +76,9 @@ def serve(port: int, addr: str = "127.0.0.1") -> int:
         return bound
 
 
-def push(gateway: str, job: str) -> None:
-    """Push `REGISTRY` to a Prometheus Pushgateway (`host:port`)."""
-    push_to_gateway(gateway, job=job, registry=REGISTRY)
+def push(gateway: str, job: str, registry: CollectorRegistry | None = None) -> None:
+    """Push the registry to a Prometheus Pushgateway (`host:port`)."""
+    push_to_gateway(gateway, job=job, registry=REGISTRY if registry is None else registry)
 
 
 # --------------------------------------------------------------------- training
@@ -74,12 +109,5 @@ class TrainingGauges:
                 g.labels(run=self.run).set(float(values[k]))
 
 
-def exposition() -> str:
-    """The registry in Prometheus text format (for tests and debugging)."""
-    from prometheus_client import generate_latest
-
-    return generate_latest(REGISTRY).decode()
-
-
-__all__ = ["REGISTRY", "gauge", "serve", "push", "TrainingGauges", "TRAINING_FIELDS",
-           "exposition"]
+__all__ = ["REGISTRY", "CONTENT_TYPE", "gauge", "counter", "histogram", "render", "serve", "push",
+           "TrainingGauges", "TRAINING_FIELDS"]
