@@ -93,11 +93,6 @@ def crop(frames: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
     return frames[:, y0:y1, x0:x1]
 
 
-def mouth_darkness_level(frames: np.ndarray, box) -> float:
-    """The clip's median mouth-box luminance `m`, the reference for "dark"."""
-    return float(np.median(luminance(crop(frames, box))))
-
-
 def mouth_opening(frames: np.ndarray, box, level: float | None = None) -> np.ndarray:
     """Soft vertical extent of the dark mouth interior, in pixel rows: `[T]`.
 
