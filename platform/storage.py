@@ -31,7 +31,7 @@ def _failure(verb: str, uri: str, e: OSError, storage: StorageConfig | None) -> 
     if is_s3(uri) and ("NETWORK_CONNECTION" in text or "curlCode" in text):
         endpoint = (storage.endpoint_url if storage else None) or "AWS's default endpoint"
         text += f" (is {endpoint} reachable? set storage.endpoint_url)"
-    return StorageError(f"cannot {verb} {uri}: {text}")
+    return StorageError(display_name(f"cannot {verb} {uri}: {text}"))
 
 
 def is_s3(uri: str) -> bool:
@@ -70,26 +70,69 @@ def to_uri(fs: pafs.FileSystem, path: str) -> str:
 
 def list_files(uri: str, suffixes: tuple[str, ...] = (), storage: StorageConfig | None = None,
                recursive: bool = True) -> list[str]:
-    """Sorted URIs of the files under `uri` whose names end with one of `suffixes`."""
+    """Sorted URIs of the files under `uri` whose names end with one of `suffixes`.
+
+    Hidden names and `_tmp*` leftovers are skipped. Local names that are not
+    valid UTF-8 come back as Python does (undecodable bytes as surrogates,
+    `os.fsdecode`): usable as paths, but not as Arrow/JSON text until the
+    caller escapes them (`display_name`).
+    """
+    keep = tuple(s.lower() for s in suffixes)
+
+    def wanted(name: str) -> bool:
+        return not (name.startswith(".") or name.startswith("_tmp")) and \
+            (not keep or name.lower().endswith(keep))
+
+    if not is_s3(uri):
+        # pyarrow's local listing dies on the first non-UTF-8 name (UnicodeDecodeError)
+        return sorted(_list_local(Path(uri).expanduser().resolve(), recursive, wanted))
     fs, path = resolve(uri, storage)
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
     except OSError as e:
         raise _failure("list", uri, e, storage) from e
-    out = []
-    for info in infos:
-        if info.type != pafs.FileType.File:
-            continue
-        name = info.base_name
-        if name.startswith(".") or name.startswith("_tmp"):
-            continue
-        if suffixes and not name.lower().endswith(tuple(s.lower() for s in suffixes)):
-            continue
-        out.append(to_uri(fs, info.path))
-    return sorted(out)
+    return sorted(to_uri(fs, i.path) for i in infos if i.type == pafs.FileType.File and wanted(i.base_name))
+
+
+def _list_local(root: Path, recursive: bool, wanted) -> list[str]:
+    """Files under `root`, following symlinks as pyarrow does; a directory
+    that is its own ancestor (a symlink loop) is not entered again."""
+    out: list[str] = []
+
+    def walk(d: str, ancestors: frozenset) -> None:
+        try:
+            st = os.stat(d)
+            if (st.st_dev, st.st_ino) in ancestors:
+                return
+            entries = list(os.scandir(d))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        except OSError as e:
+            raise StorageError(f"cannot list {display_name(d)}: {e.strerror or e}") from e
+        inner = ancestors | {(st.st_dev, st.st_ino)}
+        for e in entries:
+            try:
+                if e.is_dir():
+                    if recursive:
+                        walk(e.path, inner)
+                elif e.is_file() and wanted(e.name):
+                    out.append(e.path)
+            except OSError:   # vanished, or a dangling symlink
+                continue
+
+    walk(str(root), frozenset())
+    return out
+
+
+def display_name(uri: str) -> str:
+    """`uri` as valid UTF-8 text: undecodable bytes of a local name written
+    as `\\xNN` (the same escape for the same name, every time)."""
+    return uri.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def exists(uri: str, storage: StorageConfig | None = None) -> bool:
+    if not is_s3(uri):   # Python's own I/O: any local name, UTF-8 or not
+        return os.path.exists(os.path.expanduser(uri))
     fs, path = resolve(uri, storage)
     try:
         return fs.get_file_info(path).type != pafs.FileType.NotFound
@@ -98,13 +141,18 @@ def exists(uri: str, storage: StorageConfig | None = None) -> bool:
 
 
 def size(uri: str, storage: StorageConfig | None = None) -> int:
+    if not is_s3(uri):
+        return os.path.getsize(os.path.expanduser(uri))
     fs, path = resolve(uri, storage)
     return fs.get_file_info(path).size
 
 
 def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
-    fs, path = resolve(uri, storage)
     try:
+        if not is_s3(uri):
+            with open(os.path.expanduser(uri), "rb") as f:
+                return f.read()
+        fs, path = resolve(uri, storage)
         with fs.open_input_stream(path) as f:
             return f.read()
     except OSError as e:
