@@ -154,6 +154,9 @@ class SamplerConfig:
     # (guided-diffusion: starts below T−1), "10,10,10". Ignored for ddpm.
     steps: str = "trailing20"
     eta: float = 0.0
+    # Reuse one x_T (and motion-frame noise) for every frame of a clip
+    # instead of a fresh draw per frame (dheads extension against flicker).
+    shared_noise: bool = False
 
 
 def to_dict(cfg: Any) -> dict:

@@ -23,7 +23,10 @@ Per frame k of a clip (Diffused Heads, Stypułkowski et al. 2024):
 
 Randomness is per slot: a `torch.Generator` seeded with the clip's seed
 draws, for each frame in order, the motion noise (if any), x_T, then one
-noise tensor per step if the sampler needs it. So a clip's frames do not
+noise tensor per step if the sampler needs it. With `shared_noise` (dheads
+extension against flicker) x_T and the motion noise are drawn once per clip
+and reused for every frame: with a deterministic sampler, frames that share
+their conditioning then come out alike instead of re-rolling their details. So a clip's frames do not
 depend on which other clips share the batch or when it was admitted, up to
 the float differences of batched arithmetic (~1e-6; see tests/model).
 """
@@ -88,6 +91,8 @@ class _Slot:
     frame_hi: int
     frames: list = field(default_factory=list)
     k: int = 0                      # the frame being denoised
+    x_T: Optional[torch.Tensor] = None           # shared_noise: the clip's x_T
+    motion_noise: Optional[torch.Tensor] = None  # shared_noise: the clip's motion noise
 
 
 class FrameLoop:
@@ -100,7 +105,7 @@ class FrameLoop:
 
     def __init__(self, model: nn.Module, sampler: Sampler, capacity: int,
                  device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
-                 autocast: torch.dtype | None = None):
+                 autocast: torch.dtype | None = None, shared_noise: bool = False):
         cfg = getattr(model, "cfg", None) or getattr(getattr(model, "module", None), "cfg", None)
         if cfg is None:
             raise TypeError("FrameLoop needs a DiffusedHeads model (with .cfg)")
@@ -113,6 +118,7 @@ class FrameLoop:
         # the UNet call under autocast (e.g. bf16 on a CPU with AVX512-BF16);
         # the sampler's schedule math stays in float32 or better
         self.autocast = autocast
+        self.shared_noise = bool(shared_noise)
         self.context = int(cfg.audio.context)
         n, h = self.capacity, cfg.image_size
         zeros = lambda *shape: torch.zeros(*shape, device=self.device, dtype=dtype)  # noqa: E731
@@ -179,14 +185,17 @@ class FrameLoop:
             self.motion[i, 0] = grayscale(self.identity[i])[0]
         frames = (slot.k + torch.arange(-c, c + 1, device=self.device)).clamp(clip.frame_lo, slot.frame_hi)
         self.audio[i] = clip.features[frames + clip.row_of_frame0]
-        shape = self.x_t.shape[1:]
+        draw = lambda shape: torch.randn(shape, generator=slot.generator, device=self.device,  # noqa: E731
+                                         dtype=self.dtype)
         if mc.infer_noise > 0:
-            z = torch.randn(self.motion.shape[1:], generator=slot.generator, device=self.device,
-                            dtype=self.dtype)
-            self.motion_in[i] = self.motion[i] + float(mc.infer_noise) * z
+            if slot.motion_noise is None or not self.shared_noise:
+                slot.motion_noise = draw(self.motion.shape[1:])
+            self.motion_in[i] = self.motion[i] + float(mc.infer_noise) * slot.motion_noise
         else:
             self.motion_in[i] = self.motion[i]
-        self.x_t[i] = torch.randn(shape, generator=slot.generator, device=self.device, dtype=self.dtype)
+        if slot.x_T is None or not self.shared_noise:
+            slot.x_T = draw(self.x_t.shape[1:])
+        self.x_t[i] = slot.x_T
         self.step_idx[i] = self.sampler.num_steps - 1
 
     def _finish_frame(self, i: int, x0: torch.Tensor) -> Optional[tuple[Hashable, torch.Tensor]]:

@@ -193,3 +193,23 @@ def test_fixed_variances(load_preset):
         d = GaussianDiffusion(DiffusionConfig(variance=kind))
         out = d.p_mean_variance(torch.zeros(6, 6, 8, 8), d.q_sample(x0, t, noise), t)
         torch.testing.assert_close(out["log_variance"][:, 0, 0, 0], getattr(d, name)[t].float())
+
+
+def test_shared_noise_reuses_one_x_T_per_clip(load_preset):
+    cfg = _tiny_model(load_preset).cfg
+    d = GaussianDiffusion(DiffusionConfig())
+    firsts = {}
+    for shared in (False, True):
+        rec = _Recorder(dataclasses.replace(cfg, motion=MotionConfig(infer_noise=0.1)))
+        loop = FrameLoop(rec, make_sampler(d, SamplerConfig(steps="trailing2")), 1, device="cpu",
+                         shared_noise=shared)
+        loop.admit(Clip("a", torch.zeros(3, 16, 16), torch.zeros(3, 40, 20), n_frames=3, seed=5))
+        loop.run()
+        firsts[shared] = [c for i, c in enumerate(rec.calls) if i % 2 == 0]  # each frame's first step
+    fresh, shared = firsts[False], firsts[True]
+    assert torch.equal(fresh[0]["x_t"], shared[0]["x_t"])  # same seed, same first draw
+    assert not torch.equal(fresh[0]["x_t"], fresh[1]["x_t"])
+    assert torch.equal(shared[0]["x_t"], shared[1]["x_t"]) and torch.equal(shared[1]["x_t"], shared[2]["x_t"])
+    # the motion-frame noise is shared too: frame 1's and 2's inputs differ only by the frames themselves
+    noise = [c["motion"] - c["motion"].mean() for c in shared]
+    assert noise[0].std() > 0.05
