@@ -25,7 +25,7 @@ from dheads.platform.config import DubConfig, FaceDetector, StorageConfig
 from dheads.platform.dubbing.segments import (
     FPS, SAMPLE_RATE, Segment, assemble, n_video_frames, segment_item,
 )
-from dheads.platform.media import IMAGE_EXTS, MediaError, read_audio, read_image, read_video, write_video
+from dheads.platform.media import IMAGE_EXTS, MediaError, read_audio, read_frame, read_image, write_video
 
 
 class ItemError(ValueError):
@@ -109,22 +109,21 @@ def load_identity(uri: str, size: int, cfg: DubConfig, frame: Optional[int] = No
     with storage.local_path(uri, storage_cfg) as path:
         if Path(uri).suffix.lower() in IMAGE_EXTS:
             image = read_image(path)
-        else:
-            clip = read_video(path, fps=FPS, require_audio=False)
-            index = cfg.identity_frame if frame is None else frame
-            image = clip.frames[min(max(index, 0), clip.n_frames - 1)]
+        else:  # decoded only up to that frame; past the end: the last one
+            image = read_frame(path, cfg.identity_frame if frame is None else frame, fps=FPS)
     detector = FaceDetector(cfg.face_detector)
     boxes = crop_boxes(face_track(image[None], detector), cfg.face_margin, detector)
     return crop_resize(image[None], boxes, size)[0]
 
 
-def load_audio(uri: str, storage_cfg: StorageConfig | None = None) -> np.ndarray:
-    """Any audio file, or a video's audio track -> `[S]` float32, 16 kHz mono."""
+def load_audio(uri: str, storage_cfg: StorageConfig | None = None,
+               max_seconds: float | None = None) -> np.ndarray:
+    """Any audio file, or a video's audio track -> `[S]` float32, 16 kHz mono;
+    decoding stops with a MediaError past `max_seconds` (None: the media
+    layer's own bound)."""
+    limit = {} if max_seconds is None else {"max_seconds": max_seconds}
     with storage.local_path(uri, storage_cfg) as path:
-        audio = read_audio(path, SAMPLE_RATE)
-    if not np.isfinite(audio).all():
-        raise MediaError("audio", "audio holds NaN/inf samples")
-    return audio
+        return read_audio(path, SAMPLE_RATE, **limit)
 
 
 @dataclass
@@ -139,7 +138,8 @@ def prepare_item(item: DubItem, cfg: DubConfig, image_size: int,
     """Decode identity and audio (once), check limits, and segment. Raises
     ItemError (with the media stage in the message) for anything a user must fix."""
     try:
-        audio = load_audio(item.audio, storage_cfg)
+        # decoding stops a little past the limit; the exact check follows
+        audio = load_audio(item.audio, storage_cfg, max_seconds=cfg.max_audio_s + 1.0)
     except (MediaError, storage.StorageError) as e:
         raise ItemError(f"audio {item.audio}: {e}") from e
     seconds = len(audio) / SAMPLE_RATE
