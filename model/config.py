@@ -154,9 +154,10 @@ class SamplerConfig:
     # (guided-diffusion: starts below T−1), "10,10,10". Ignored for ddpm.
     steps: str = "trailing20"
     eta: float = 0.0
-    # Reuse one x_T (and motion-frame noise) for every frame of a clip
-    # instead of a fresh draw per frame (dheads extension against flicker).
-    shared_noise: bool = False
+    # ρ of x_T (and of the motion-frame noise) from one frame to the next:
+    # 0 a fresh draw per frame (the paper), 1 one draw per clip; in between
+    # the details drift smoothly (dheads extension against flicker).
+    noise_correlation: float = 0.0
 
 
 def to_dict(cfg: Any) -> dict:

@@ -23,10 +23,11 @@ Per frame k of a clip (Diffused Heads, Stypułkowski et al. 2024):
 
 Randomness is per slot: a `torch.Generator` seeded with the clip's seed
 draws, for each frame in order, the motion noise (if any), x_T, then one
-noise tensor per step if the sampler needs it. With `shared_noise` (dheads
-extension against flicker) x_T and the motion noise are drawn once per clip
-and reused for every frame: with a deterministic sampler, frames that share
-their conditioning then come out alike instead of re-rolling their details. So a clip's frames do not
+noise tensor per step if the sampler needs it. With `noise_correlation` ρ > 0
+(dheads extension against flicker) x_T and the motion noise of frame k are
+ρ · (frame k−1's) + √(1−ρ²) · (a fresh draw), unit variance either way:
+with a deterministic sampler the frames' details then drift smoothly instead
+of re-rolling every frame (ρ = 1: one draw for the whole clip). So a clip's frames do not
 depend on which other clips share the batch or when it was admitted, up to
 the float differences of batched arithmetic (~1e-6; see tests/model).
 """
@@ -91,8 +92,8 @@ class _Slot:
     frame_hi: int
     frames: list = field(default_factory=list)
     k: int = 0                      # the frame being denoised
-    x_T: Optional[torch.Tensor] = None           # shared_noise: the clip's x_T
-    motion_noise: Optional[torch.Tensor] = None  # shared_noise: the clip's motion noise
+    x_T: Optional[torch.Tensor] = None           # the last frame's x_T
+    motion_noise: Optional[torch.Tensor] = None  # the last frame's motion-frame noise
 
 
 class FrameLoop:
@@ -105,7 +106,7 @@ class FrameLoop:
 
     def __init__(self, model: nn.Module, sampler: Sampler, capacity: int,
                  device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
-                 autocast: torch.dtype | None = None, shared_noise: bool = False):
+                 autocast: torch.dtype | None = None, noise_correlation: float = 0.0):
         cfg = getattr(model, "cfg", None) or getattr(getattr(model, "module", None), "cfg", None)
         if cfg is None:
             raise TypeError("FrameLoop needs a DiffusedHeads model (with .cfg)")
@@ -118,7 +119,9 @@ class FrameLoop:
         # the UNet call under autocast (e.g. bf16 on a CPU with AVX512-BF16);
         # the sampler's schedule math stays in float32 or better
         self.autocast = autocast
-        self.shared_noise = bool(shared_noise)
+        if not 0.0 <= noise_correlation <= 1.0:
+            raise ValueError(f"noise_correlation must be in [0, 1], got {noise_correlation}")
+        self.rho = float(noise_correlation)
         self.context = int(cfg.audio.context)
         n, h = self.capacity, cfg.image_size
         zeros = lambda *shape: torch.zeros(*shape, device=self.device, dtype=dtype)  # noqa: E731
@@ -185,18 +188,23 @@ class FrameLoop:
             self.motion[i, 0] = grayscale(self.identity[i])[0]
         frames = (slot.k + torch.arange(-c, c + 1, device=self.device)).clamp(clip.frame_lo, slot.frame_hi)
         self.audio[i] = clip.features[frames + clip.row_of_frame0]
-        draw = lambda shape: torch.randn(shape, generator=slot.generator, device=self.device,  # noqa: E731
-                                         dtype=self.dtype)
         if mc.infer_noise > 0:
-            if slot.motion_noise is None or not self.shared_noise:
-                slot.motion_noise = draw(self.motion.shape[1:])
+            slot.motion_noise = self._correlated(slot, slot.motion_noise, self.motion.shape[1:])
             self.motion_in[i] = self.motion[i] + float(mc.infer_noise) * slot.motion_noise
         else:
             self.motion_in[i] = self.motion[i]
-        if slot.x_T is None or not self.shared_noise:
-            slot.x_T = draw(self.x_t.shape[1:])
+        slot.x_T = self._correlated(slot, slot.x_T, self.x_t.shape[1:])
         self.x_t[i] = slot.x_T
         self.step_idx[i] = self.sampler.num_steps - 1
+
+    def _correlated(self, slot: _Slot, last: Optional[torch.Tensor], shape) -> torch.Tensor:
+        """Unit Gaussian noise for this frame: ρ · last + √(1−ρ²) · fresh."""
+        if last is not None and self.rho == 1.0:
+            return last
+        fresh = torch.randn(shape, generator=slot.generator, device=self.device, dtype=self.dtype)
+        if last is None or self.rho == 0.0:
+            return fresh
+        return self.rho * last + (1.0 - self.rho ** 2) ** 0.5 * fresh
 
     def _finish_frame(self, i: int, x0: torch.Tensor) -> Optional[tuple[Hashable, torch.Tensor]]:
         slot = self.slots[i]

@@ -57,14 +57,14 @@ def clip_seed(seed: int, index: int) -> int:
 
 @torch.no_grad()
 def generate(model: nn.Module, sampler: Sampler, identity: torch.Tensor, audio: torch.Tensor,
-             n_frames: int, seed: int = 0, shared_noise: bool = False,
+             n_frames: int, seed: int = 0, noise_correlation: float = 0.0,
              autocast: torch.dtype | None = None) -> torch.Tensor:
     """Generate `n_frames` frames for B clips: `[B, T, 3, H, W]` in [-1, 1].
 
     `identity [B, 3, H, W]` in [-1, 1]; `audio [B, S]` 16 kHz mono (or
     precomputed features `[B, T, *feature_shape]`). Clip b is seeded with
     `clip_seed(seed, b)` (its own generator in the frame loop), so equal
-    inputs and seed give equal frames, whatever the batch. `shared_noise`,
+    inputs and seed give equal frames, whatever the batch. `noise_correlation`,
     `autocast`: see `FrameLoop`.
     """
     cfg = getattr(model, "cfg", None) or model.module.cfg
@@ -77,7 +77,7 @@ def generate(model: nn.Module, sampler: Sampler, identity: torch.Tensor, audio: 
         if feats.shape[1] < n_frames:
             raise ValueError(f"{feats.shape[1]} feature frames for {n_frames} video frames")
     loop = FrameLoop(model, sampler, capacity=identity.shape[0], device=device, dtype=identity.dtype,
-                     autocast=autocast, shared_noise=shared_noise)
+                     autocast=autocast, noise_correlation=noise_correlation)
     for b in range(identity.shape[0]):
         loop.admit(Clip(b, identity[b], feats[b], n_frames, seed=clip_seed(seed, b)))
     out = loop.run()

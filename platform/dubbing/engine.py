@@ -54,11 +54,11 @@ class ContinuousBatcher:
     def __init__(self, model: torch.nn.Module, sampler: Any, audio_cfg: Any, image_size: int,
                  batch_size: int, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, autocast: torch.dtype | None = None,
-                 shared_noise: bool = False):
+                 noise_correlation: float = 0.0):
         if audio_cfg.context > PAD_FRAMES - 2:
             raise ValueError(f"audio context {audio_cfg.context} needs PAD_FRAMES >= {audio_cfg.context + 2}")
         self.loop = FrameLoop(model, sampler, batch_size, device=device, dtype=dtype, autocast=autocast,
-                              shared_noise=shared_noise)
+                              noise_correlation=noise_correlation)
         self.loop.profile = self.loop.device.type == "cpu"  # UNet time for the stats; free on CPU
         self.features = AudioFeatures(audio_cfg)
         self.image_size = image_size
@@ -145,7 +145,7 @@ def build_engine(checkpoint: str, sampler_cfg: Any, cfg: DubConfig,
     autocast = torch.bfloat16 if cfg.cpu_bf16 and torch.device(device).type == "cpu" else None
     return ContinuousBatcher(loaded.model, sampler, loaded.model_cfg.audio,
                              loaded.model_cfg.image_size, cfg.batch_size, device, autocast=autocast,
-                             shared_noise=sampler_cfg.shared_noise)
+                             noise_correlation=sampler_cfg.noise_correlation)
 
 
 __all__ = ["ContinuousBatcher", "EngineStats", "build_engine"]

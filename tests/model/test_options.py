@@ -195,18 +195,21 @@ def test_fixed_variances(load_preset):
         torch.testing.assert_close(out["log_variance"][:, 0, 0, 0], getattr(d, name)[t].float())
 
 
-def test_shared_noise_reuses_one_x_T_per_clip(load_preset):
+def test_correlated_noise_keeps_unit_variance_and_rho_one_reuses_x_T(load_preset):
     cfg = _tiny_model(load_preset).cfg
     d = GaussianDiffusion(DiffusionConfig())
     firsts = {}
-    for shared in (False, True):
+    for rho in (0.0, 0.8, 1.0):
         rec = _Recorder(dataclasses.replace(cfg, motion=MotionConfig(infer_noise=0.1)))
         loop = FrameLoop(rec, make_sampler(d, SamplerConfig(steps="trailing2")), 1, device="cpu",
-                         shared_noise=shared)
+                         noise_correlation=rho)
         loop.admit(Clip("a", torch.zeros(3, 16, 16), torch.zeros(3, 40, 20), n_frames=3, seed=5))
         loop.run()
-        firsts[shared] = [c for i, c in enumerate(rec.calls) if i % 2 == 0]  # each frame's first step
-    fresh, shared = firsts[False], firsts[True]
+        firsts[rho] = [c for i, c in enumerate(rec.calls) if i % 2 == 0]  # each frame's first step
+    fresh, shared = firsts[0.0], firsts[1.0]
+    mid = [c["x_t"] for c in firsts[0.8]]
+    r = torch.corrcoef(torch.stack([mid[0].flatten(), mid[1].flatten()]))[0, 1]
+    assert 0.7 < r < 0.9 and 0.9 < mid[2].std() < 1.1  # ρ between frames, unit variance
     assert torch.equal(fresh[0]["x_t"], shared[0]["x_t"])  # same seed, same first draw
     assert not torch.equal(fresh[0]["x_t"], fresh[1]["x_t"])
     assert torch.equal(shared[0]["x_t"], shared[1]["x_t"]) and torch.equal(shared[1]["x_t"], shared[2]["x_t"])
