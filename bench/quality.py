@@ -1,30 +1,42 @@
 """Quality of a trained checkpoint on the benchmark's val split, per sampler,
-beside the ground-truth ceilings and the still-identity-frame floor.
+beside the ground-truth ceilings and the still-identity-frame floor; and the
+long-clip test (drift over 30 s, seams between dubbing segments).
 
     python bench/quality.py --checkpoint runs/benchmark-cpu/export \
         [--val ../shared/benchmark/val] [--clips 0] [--seconds 0] \
-        [--samplers default,ddim20,respaced100] [--out runs/quality] [--smoke]
+        [--samplers default,trailing20,ddim20,respaced100+rho0.9] [--long-clip] \
+        [--out runs/quality] [--smoke]
 
 Every val clip (`--clips 0`: all 40; `--seconds 0`: at full length) is
 dubbed from its first frame (mouth shut: the clips start in silence) and its
 own audio, which the model never saw (val sentences and identities are
 disjoint from train). All clips go through the product's dubbing engine at
-once (one slot per segment, one batched UNet call per denoising step), and
-are scored by `dheads eval`. Rows of the printed JSON:
+once (one slot per segment, one batched UNet call per denoising step, the
+UNet under bf16 autocast on CPUs that have it), and are scored by
+`dheads eval`. Rows of the printed JSON:
 
 - `ceiling`: the reference scored against itself (128 px);
 - `ceiling_model_res`: the reference resized to the model's image size and
   back: what a perfect model at that resolution would score;
 - `floor`: the identity frame held still, with the real audio;
-- one row per sampler (`default` = the sampler the checkpoint's config
-  names): the averaged metrics, frames/s and wall seconds.
+- `samplers`: one row per sampler spec — `default` (SamplerConfig's
+  defaults), `trailingN` / `ddimN` (DDIM η = 0 over trailing or
+  guided-diffusion spacing), `respacedN` (ancestral, the paper's), each
+  optionally `+rhoX` (frame-to-frame noise correlation) and `+sigmaY`
+  (inference motion-frame noise instead of the checkpoint's);
+- `long_clip` (`--long-clip`): a 30 s clip of an unseen identity made with
+  `dheads synth`, dubbed in segments of ≤ 8 s: upper-face PSNR against the
+  reference over the first and the last 5 s, the same for the reference's
+  own drift (reference vs its first frame), and the seam ratio — the largest
+  frame-to-frame change at a segment joint ÷ the median frame-to-frame change.
 
 `--smoke` (the test suite): a random 16-px checkpoint, 2 clips of 0.4 s,
-DDIM 2; the same code path, figures meaningless.
+DDIM 2, a 2 s long clip; the same code path, figures meaningless.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
@@ -34,11 +46,14 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 ROW_KEYS = ("sync_r", "sync_r_best", "sync_lag", "psnr_upper", "ssim_upper", "flow_ratio",
-            "blink_rate_gen", "blink_rate_ratio", "drift_db", "clips", "frames")
+            "blink_rate_gen", "blink_rate_ref", "blink_rate_ratio", "drift_db", "clips", "frames")
 JSON_KEYS = ("bench", "checkpoint", "clips", "seconds_per_clip", "image_size", "smoke",
              *(f"{row}.{k}" for row in ("ceiling", "ceiling_model_res", "floor")
                for k in ("sync_r", "psnr_upper", "ssim_upper", "flow_ratio", "blink_rate_gen")),
-             *(f"samplers.0.{k}" for k in ROW_KEYS + ("sampler", "frames_per_s", "wall_s")))
+             *(f"samplers.0.{k}" for k in ROW_KEYS + ("sampler", "frames_per_s", "wall_s")),
+             "long_clip.seconds", "long_clip.segments", "long_clip.psnr_upper_first5s",
+             "long_clip.psnr_upper_last5s", "long_clip.ref_drift_db", "long_clip.gen_drop_db",
+             "long_clip.seam_ratio")
 
 
 def cut_references(val: Path, out: Path, clips: int, seconds: float) -> list[str]:
@@ -71,12 +86,10 @@ def transformed(ref: Path, out: Path, stems: list[str], fn) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     for s in stems:
+        if (out / f"{s}.mp4").exists():
+            continue
         clip = read_video(ref / f"{s}.mp4")
         write_video(out / f"{s}.mp4", fn(clip.frames), 25, clip.audio)
-
-
-def still(frames: np.ndarray) -> np.ndarray:
-    return np.repeat(frames[:1], len(frames), axis=0)
 
 
 def at_resolution(size: int):
@@ -91,20 +104,146 @@ def at_resolution(size: int):
     return fn
 
 
-def parse_sampler(spec: str, default):
-    """`default`, `ddimN` / `ddimN-trailing` (η = 0), `respacedN` (ancestral)."""
-    import dataclasses
-
+def parse_sampler(spec: str):
+    """A sampler spec (see the module docstring) -> (SamplerConfig, motion σ override or None)."""
     from dheads.model.config import SamplerConfig, SamplerKind
 
-    if spec == "default":
-        return default
-    if spec.startswith("ddim"):
-        return SamplerConfig(kind=SamplerKind.ddim, steps=spec, eta=0.0)
-    if spec.startswith("respaced"):
-        return dataclasses.replace(default, kind=SamplerKind.respaced, steps=spec[len("respaced"):],
-                                   eta=1.0)
-    raise SystemExit(f"unknown sampler {spec!r} (default, ddimN or respacedN)")
+    name, *mods = spec.split("+")
+    default = SamplerConfig()
+    if name == "default":
+        cfg = default
+    elif name.startswith("trailing") or name.startswith("ddim"):
+        cfg = dataclasses.replace(default, kind=SamplerKind.ddim, steps=name, eta=0.0)
+    elif name.startswith("respaced"):
+        steps = name[len("respaced"):].lstrip("-")
+        cfg = dataclasses.replace(default, kind=SamplerKind.respaced, steps=steps, eta=1.0)
+    else:
+        raise SystemExit(f"unknown sampler {spec!r} (default, trailingN, ddimN, respacedN[+rhoX][+sigmaY])")
+    sigma = None
+    for m in mods:
+        if m.startswith("rho"):
+            cfg = dataclasses.replace(cfg, noise_correlation=float(m[3:]))
+        elif m.startswith("sigma"):
+            sigma = float(m[5:])
+        else:
+            raise SystemExit(f"unknown sampler modifier {m!r} in {spec!r}")
+    return cfg, sigma
+
+
+def dub_all(checkpoint: str, spec: str, items, n_slots: int, threads: int = 0) -> tuple[list, float]:
+    """Dub `items` through one engine of `n_slots` slots; (results, wall seconds)."""
+    import torch
+    from _dubbing import dub_items
+
+    from dheads.platform.config import DubConfig
+    from dheads.platform.dubbing.engine import build_engine
+    from dheads.platform.dubbing.items import ItemStatus
+
+    sampler, sigma = parse_sampler(spec)
+    bf16 = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+    cfg = DubConfig(batch_size=max(1, n_slots), num_threads=threads, cpu_bf16=bf16, motion_noise=sigma)
+    engine = build_engine(checkpoint, sampler, cfg)
+    t = time.time()
+    results = dub_items(engine, items, cfg)
+    wall = time.time() - t
+    failed = [r for r in results if r.status != ItemStatus.succeeded]
+    if failed:
+        raise SystemExit(f"{spec}: {failed}")
+    return results, wall
+
+
+def long_clip(checkpoint: str, spec: str, out: Path, seconds: float, threads: int = 0) -> dict:
+    """Drift over a long unseen clip and the seams between its dubbing segments."""
+    from dheads.jobs.evaluation import metrics as M
+    from dheads.jobs.evaluation.mouth import face_regions
+    from dheads.jobs.synth import run as synth
+    from dheads.platform.config import DubConfig, SynthJob
+    from dheads.platform.dubbing.items import DubItem
+    from dheads.platform.dubbing.segments import frame_energy, plan_segments, FPS
+    from dheads.platform.media import read_video
+
+    src = out / "long_clip"
+    if not (src / "manifest.jsonl").exists():
+        synth(SynthJob(out=str(src), n=1, seed=4242, min_s=seconds, max_s=seconds, workers=1))
+    row = json.loads((src / "manifest.jsonl").read_text().splitlines()[0])
+    video = src / row["video"]
+    item = DubItem(item_id="long", identity=str(video), audio=str(video),
+                   output=str(out / "long_clip_generated" / "long.mp4"), identity_frame=0)
+    _, wall = dub_all(checkpoint, spec, [item], n_slots=8, threads=threads)
+    ref, gen = read_video(video), read_video(item.output)
+    g, r = M.match_frames(gen.frames, ref.frames)
+    truth = json.loads((src / row["meta"]).read_text())
+    upper = face_regions(*r.shape[1:3], np.asarray(truth["frames"]["mouth_box"])).upper_rows
+    n5 = max(1, min(int(round(5 * FPS)), len(g) // 2))  # 5 s windows (half the clip if shorter)
+    psnr = M.psnr(g[:, :upper], r[:, :upper])
+    still = np.broadcast_to(r[:1, :upper], r[:, :upper].shape)
+    drift_ref = M.psnr(r[:, :upper], still)
+    # where the engine cut the audio (the segment plan is a pure function of it)
+    cfg = DubConfig()
+    bounds = plan_segments(frame_energy(ref.audio, len(r)), int(round(cfg.max_segment_s * FPS)),
+                           int(round(cfg.min_segment_s * FPS)), cfg.crossfade_frames)
+    change = np.abs(np.diff(g.astype(np.float32), axis=0)).mean(axis=(1, 2, 3))  # change[i]: i -> i+1
+    seams = [s for s, _ in bounds[1:]]
+    # a joint is cross-faded over crossfade_frames: look at every change inside it
+    at_seams = [change[max(0, s - 1): s + cfg.crossfade_frames].max() for s in seams]
+    median = float(np.median(change)) or 1e-9
+    return {"seconds": round(len(g) / FPS, 2), "segments": len(bounds), "sampler": spec,
+            "wall_s": round(wall, 1),
+            "psnr_upper_first5s": round(float(psnr[:n5].mean()), 2),
+            "psnr_upper_last5s": round(float(psnr[-n5:].mean()), 2),
+            "gen_drop_db": round(float(psnr[:n5].mean() - psnr[-n5:].mean()), 2),
+            # the reference's own drift away from its first frame, first 5 s minus last 5 s
+            "ref_drift_db": round(float(M.db(np.mean(M.mse(r[:n5, :upper], still[:n5])))
+                                        - M.db(np.mean(M.mse(r[-n5:, :upper], still[-n5:])))), 2),
+            "ref_psnr_vs_identity_first5s": round(float(drift_ref[:n5].mean()), 2),
+            "ref_psnr_vs_identity_last5s": round(float(drift_ref[-n5:].mean()), 2),
+            "seam_ratio": round(float(max(at_seams) / median), 2) if at_seams else None,
+            "seam_changes": [round(float(c), 3) for c in at_seams],
+            "median_change": round(median, 3)}
+
+
+def evaluate_checkpoint(checkpoint: str, val: str, out: Path, samplers: list[str], clips: int = 0,
+                        seconds: float = 0.0, threads: int = 0, smoke: bool = False,
+                        long_seconds: float = 0.0) -> dict:
+    """The quality document of `checkpoint` (see the module docstring); also
+    written to `out/quality_full.json`."""
+    from dheads.jobs.evaluation import evaluate
+    from dheads.model.checkpoint import load_checkpoint
+    from dheads.platform.dubbing.items import DubItem
+
+    out = Path(out).resolve()
+    image_size = load_checkpoint(checkpoint).model_cfg.image_size
+    ref = out / "reference"
+    stems = cut_references(Path(val), ref, clips, seconds)
+    quiet = dict(report=False, verbose=False)
+    result: dict = {"bench": "quality", "checkpoint": checkpoint, "clips": len(stems),
+                    "seconds_per_clip": seconds or "full", "image_size": image_size, "smoke": smoke}
+    result["ceiling"] = evaluate(str(ref), str(ref), str(out / "eval_ceiling"), **quiet)
+    transformed(ref, out / "model_res", stems, at_resolution(image_size))
+    result["ceiling_model_res"] = evaluate(str(out / "model_res"), str(ref),
+                                           str(out / "eval_model_res"), **quiet)
+    result["samplers"] = []
+    for spec in samplers:
+        gen = out / spec
+        items = [DubItem(item_id=s, identity=str(ref / f"{s}.mp4"), audio=str(ref / f"{s}.mp4"),
+                         output=str(gen / f"{s}.mp4"), identity_frame=0) for s in stems]
+        # every clip is a slot of one engine (a clip over 8 s is 2 segments): the split advances together
+        results, wall = dub_all(checkpoint, spec, items, n_slots=2 * len(stems), threads=threads)
+        frames = sum(round(r.seconds * 25) for r in results)
+        evaluate(str(gen), str(ref), str(out / f"eval_{spec}"), report=not smoke, verbose=False)
+        doc = json.loads((out / f"eval_{spec}" / "metrics.json").read_text())
+        metrics = doc["averages"]
+        result.setdefault("floor", doc["floor"])  # the still identity frame, scored by eval itself
+        row = {"sampler": spec, **{k: metrics.get(k) for k in ROW_KEYS},
+               "frames_per_s": round(frames / wall, 2), "wall_s": round(wall, 1), "all": metrics}
+        result["samplers"].append(row)
+        print(f"[quality] {spec}: " + json.dumps({k: v for k, v in row.items() if k != "all"}),
+              flush=True)
+    if long_seconds:
+        result["long_clip"] = long_clip(checkpoint, samplers[0], out, long_seconds, threads)
+        print(f"[quality] long clip: {json.dumps(result['long_clip'])}", flush=True)
+    (out / "quality_full.json").write_text(json.dumps(result, indent=1))
+    return result
 
 
 def main() -> None:
@@ -114,18 +253,11 @@ def main() -> None:
     ap.add_argument("--clips", type=int, default=0, help="0: all")
     ap.add_argument("--seconds", type=float, default=0.0, help="0: full length")
     ap.add_argument("--samplers", default="default")
+    ap.add_argument("--long-clip", type=float, default=30.0, help="seconds of the long clip; 0: skip")
     ap.add_argument("--out", default="runs/quality")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--smoke", action="store_true", help="seconds, tiny inputs (the test suite)")
     args = ap.parse_args()
-
-    from dheads.jobs.evaluation import evaluate
-    from dheads.model.checkpoint import load_checkpoint
-    from dheads.platform.config import DubConfig, SamplerConfig
-    from _dubbing import dub_items
-
-    from dheads.platform.dubbing.engine import build_engine
-    from dheads.platform.dubbing.items import DubItem, ItemStatus
 
     out = Path(args.out).resolve()
     if args.smoke:
@@ -133,50 +265,15 @@ def main() -> None:
 
         out = Path(tempfile.mkdtemp(prefix="dheads-quality-smoke-"))
         args.checkpoint = tiny_checkpoint(out / "ckpt", image_size=16)
-        args.clips, args.seconds, args.samplers = 2, 0.4, "ddim2"
+        args.clips, args.seconds, args.samplers, args.long_clip = 2, 0.4, "ddim2", 2.0
     if args.val is None:
         from _paths import benchmark_dir
 
         args.val = str(benchmark_dir() / "val")
     if not args.checkpoint:
         raise SystemExit("--checkpoint is required (or --smoke)")
-    image_size = load_checkpoint(args.checkpoint).model_cfg.image_size
-    ref = out / "reference"
-    stems = cut_references(Path(args.val), ref, args.clips, args.seconds)
-    quiet = dict(report=False, verbose=False)
-    result: dict = {"bench": "quality", "checkpoint": args.checkpoint, "clips": len(stems),
-                    "seconds_per_clip": args.seconds or "full", "image_size": image_size,
-                    "smoke": args.smoke}
-    result["ceiling"] = evaluate(str(ref), str(ref), str(out / "eval_ceiling"), **quiet)
-    transformed(ref, out / "model_res", stems, at_resolution(image_size))
-    result["ceiling_model_res"] = evaluate(str(out / "model_res"), str(ref),
-                                           str(out / "eval_model_res"), **quiet)
-    transformed(ref, out / "floor", stems, still)
-    result["floor"] = evaluate(str(out / "floor"), str(ref), str(out / "eval_floor"), **quiet)
-    result["samplers"] = []
-    default = SamplerConfig()
-    for spec in args.samplers.split(","):
-        # every clip is one slot of the engine: the whole split advances together
-        cfg = DubConfig(batch_size=max(1, 2 * len(stems)), num_threads=args.threads)
-        engine = build_engine(args.checkpoint, parse_sampler(spec, default), cfg)
-        gen = out / spec
-        items = [DubItem(item_id=s, identity=str(ref / f"{s}.mp4"), audio=str(ref / f"{s}.mp4"),
-                         output=str(gen / f"{s}.mp4"), identity_frame=0) for s in stems]
-        t = time.time()
-        results = dub_items(engine, items, cfg)
-        wall = time.time() - t
-        failed = [r for r in results if r.status != ItemStatus.succeeded]
-        if failed:
-            raise SystemExit(f"{spec}: {failed}")
-        frames = sum(round(r.seconds * 25) for r in results)
-        metrics = evaluate(str(gen), str(ref), str(out / f"eval_{spec}"), report=not args.smoke,
-                           verbose=False)
-        row = {"sampler": spec, **{k: metrics.get(k) for k in ROW_KEYS},
-               "frames_per_s": round(frames / wall, 2), "wall_s": round(wall, 1),
-               "all": metrics}
-        result["samplers"].append(row)
-        print(f"[quality] {spec}: " + json.dumps({k: v for k, v in row.items() if k != "all"}),
-              flush=True)
+    result = evaluate_checkpoint(args.checkpoint, args.val, out, args.samplers.split(","),
+                                 args.clips, args.seconds, args.threads, args.smoke, args.long_clip)
     (out / "quality.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
 

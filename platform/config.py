@@ -140,6 +140,10 @@ class DubConfig:
     # CPU only: the UNet under bf16 autocast (1.5-2x faster on AVX512-BF16
     # cores; for models trained with trainer.cpu_bf16 it is what they saw).
     cpu_bf16: bool = False
+    # Inference-time overrides of the checkpoint's motion settings
+    # (model.motion.infer_noise / stabilize_every); None: the checkpoint's.
+    motion_noise: Optional[float] = None
+    stabilize_every: Optional[int] = None
 
 
 @dataclass

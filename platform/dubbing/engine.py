@@ -141,6 +141,11 @@ def build_engine(checkpoint: str, sampler_cfg: Any, cfg: DubConfig,
         torch.set_num_threads(cfg.num_threads)
     device = device or ("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
     loaded = load_checkpoint(fetch_model_checkpoint(checkpoint, storage_cfg), device=device)
+    motion = loaded.model.cfg.motion
+    if cfg.motion_noise is not None:  # inference-time choices, not the checkpoint's
+        motion.infer_noise = float(cfg.motion_noise)
+    if cfg.stabilize_every is not None:
+        motion.stabilize_every = int(cfg.stabilize_every)
     sampler = make_sampler(GaussianDiffusion(loaded.diffusion_cfg), sampler_cfg)
     autocast = torch.bfloat16 if cfg.cpu_bf16 and torch.device(device).type == "cpu" else None
     return ContinuousBatcher(loaded.model, sampler, loaded.model_cfg.audio,
