@@ -78,3 +78,14 @@ def test_model_package_imports_neither_ray_nor_torch_distributed():
             for name in names:
                 assert not any(name == b or name.startswith(b + ".") for b in banned), \
                     f"{file.relative_to(REPO)} imports {name}"
+
+
+def test_every_sub_package_is_in_the_wheel():
+    """setuptools puts only the packages pyproject.toml lists into a wheel
+    (the Docker image installs one): every regular sub-package must be listed."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"dheads." + ".".join(p.parent.relative_to(REPO).parts)
+             for d in CODE_DIRS for p in (REPO / d).rglob("__init__.py")}
+    assert found and found <= listed, sorted(found - listed)
