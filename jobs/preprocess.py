@@ -82,6 +82,7 @@ point node_exporter's textfile collector at it, or push it with
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -98,10 +99,13 @@ import pyarrow.parquet as pq
 
 from dheads.platform import faces, storage
 from dheads.platform.config import DataConfig, FaceDetector, ModelConfig, PreprocessJob, StorageConfig
-from dheads.platform.media import AUDIO_EXTS, VIDEO_EXTS, MediaError, read_video
+from dheads.platform.media import AUDIO_EXTS, MIN_SIDE, VIDEO_EXTS, Clip, MediaError, read_video
 
 SHARD_PREFIX = "shard-"
 FRAME_CODEC = "jpeg"
+# Longest clip decoded (s): training clips are seconds long; a longer file
+# fails with this reason (a DataConfig field would be its proper home).
+MAX_CLIP_S = 600.0
 
 
 class ClipError(Exception):
@@ -125,7 +129,14 @@ def _relative(uri: str, root: str) -> str:
 
 
 def list_clips(input_uri: str, storage_cfg: StorageConfig) -> list[dict]:
-    """Clip tasks `{source_uri, clip_id, folder}` for every video (and orphan audio file)."""
+    """Clip tasks `{source_uri, clip_id, folder, source_path}` for every video
+    (and orphan audio file).
+
+    `source_uri`, `clip_id` and `folder` are text (the shard columns, the
+    resume key); a local name that is not valid UTF-8 appears there escaped
+    (`storage.display_name`) and `source_path` holds its real bytes
+    (`os.fsencode`), empty when the text is the path.
+    """
     uris = storage.list_files(input_uri, VIDEO_EXTS + AUDIO_EXTS, storage_cfg)
     videos = [u for u in uris if u.lower().endswith(VIDEO_EXTS)]
     video_stems = {_stem(u) for u in videos}
@@ -133,11 +144,19 @@ def list_clips(input_uri: str, storage_cfg: StorageConfig) -> list[dict]:
     root = input_uri if storage.is_s3(input_uri) else str(Path(input_uri).expanduser().resolve())
     tasks = []
     for uri in videos + orphans:
-        rel = _relative(uri, root)
+        rel = storage.display_name(_relative(uri, root))
         folder = str(PurePosixPath(rel).parent)
-        tasks.append({"source_uri": uri, "clip_id": _stem(rel),
-                      "folder": "" if folder == "." else folder})
+        text = storage.display_name(uri)
+        tasks.append({"source_uri": text, "clip_id": _stem(rel),
+                      "folder": "" if folder == "." else folder,
+                      "source_path": b"" if text == uri else os.fsencode(uri)})
     return tasks
+
+
+def _source(task: dict) -> str:
+    """The URI to open for a task (the real name when its text is escaped)."""
+    raw = task.get("source_path") or b""
+    return os.fsdecode(bytes(raw)) if raw else task["source_uri"]
 
 
 def shard_uris(output_uri: str, storage_cfg: StorageConfig) -> list[str]:
@@ -232,33 +251,43 @@ def min_clip_frames(model: ModelConfig, data: DataConfig) -> int:
 
 
 def process_clip(task: dict, model: ModelConfig, data: DataConfig, storage_cfg: StorageConfig,
-                 features) -> dict:
-    """One clip task -> one shard row (see the schema). Raises ClipError."""
-    uri = task["source_uri"]
+                 features, max_seconds: float | None = None) -> dict:
+    """One clip task -> one shard row (see the schema). Raises ClipError.
+
+    Decoding stops at `max_seconds` (default `MAX_CLIP_S`): a longer file fails
+    with that reason instead of filling the worker's memory. Frames smaller
+    than a quarter of the model's image size are refused (not upscaled). When
+    the audio ends before the video, the frames past the audio are dropped
+    (training pairs must have both)."""
+    uri, path_uri = task["source_uri"], _source(task)
     size = model.image_size
     none = FaceDetector(data.face_detector) == FaceDetector.none
     try:
-        with storage.local_path(uri, storage_cfg) as path:
+        with storage.local_path(path_uri, storage_cfg) as path:
             clip = read_video(path, fps=model.audio.fps, sample_rate=model.audio.sample_rate,
-                              max_side=data.max_side, min_side=size if none else None)
+                              max_side=data.max_side, min_side=size if none else None,
+                              max_seconds=MAX_CLIP_S if max_seconds is None else max_seconds,
+                              min_source_side=max(MIN_SIDE, size // 4))
     except storage.StorageError as e:
-        raise ClipError("read", str(e)) from e
+        raise ClipError("read", storage.display_name(str(e))) from e
     except MediaError as e:
         reason = e.reason
-        if e.reason == "no video stream" and uri.lower().endswith(AUDIO_EXTS):
+        if e.reason.startswith("no video stream") and uri.lower().endswith(AUDIO_EXTS):
             reason = "audio-only file (no video stream)"
-        raise ClipError(e.stage, reason) from e
-    n = clip.n_frames
+        raise ClipError(e.stage, storage.display_name(reason)) from e
     need = min_clip_frames(model, data)
+    clip, dropped = _trim_to_audio(clip)
+    n = clip.n_frames
     if n < need:
-        raise ClipError("validate", f"too short: {n} frames < {need} (motion + audio context)")
+        why = f" (the audio covers only {clip.audio_s:.2f} s of the video)" if dropped else ""
+        raise ClipError("validate", f"too short: {n} frames < {need} (motion + audio context){why}")
     try:
         track = faces.face_track(clip.frames, FaceDetector(data.face_detector))
     except faces.FaceError as e:
         raise ClipError("face", str(e)) from e
     crops = faces.crop_boxes(track, data.face_margin, FaceDetector(data.face_detector))
     frames = faces.crop_resize(clip.frames, crops, size)
-    meta = read_sidecar(uri, storage_cfg)
+    meta = read_sidecar(path_uri, storage_cfg)
     boxes = sidecar_mouth_boxes(meta, n, clip.fps) if meta else None
     if boxes is not None:
         src_w = (clip.source_size or (clip.frames.shape[2],))[0]
@@ -285,6 +314,18 @@ def process_clip(task: dict, model: ModelConfig, data: DataConfig, storage_cfg: 
         "mouth_box_source": box_source, "source_fps": float(clip.source_fps),
         "duration_s": n / clip.fps,
     }
+
+
+def _trim_to_audio(clip: Clip) -> tuple[Clip, bool]:
+    """Drop the frames past the end of the audio (more than one frame of
+    silence padding would pair mouths with no sound); returns (clip, dropped)."""
+    if clip.audio_s is None:
+        return clip, False
+    covered = int(clip.audio_s * clip.fps + 1e-6)
+    if covered >= clip.n_frames - 1:
+        return clip, False
+    spf = clip.sample_rate // int(clip.fps)
+    return dataclasses.replace(clip, frames=clip.frames[:covered], audio=clip.audio[:covered * spf]), True
 
 
 SHARD_SCHEMA = pa.schema([
@@ -314,27 +355,33 @@ def write_shard(rows: list[dict], output_uri: str, storage_cfg: StorageConfig) -
 class ShardBuilder:
     """Ray Data stage: a batch of clip tasks -> one shard + a status row per clip."""
 
-    def __init__(self, model: ModelConfig, data: DataConfig, storage_cfg: StorageConfig, output: str):
+    def __init__(self, model: ModelConfig, data: DataConfig, storage_cfg: StorageConfig, output: str,
+                 max_clip_s: float = MAX_CLIP_S):
         import torch
 
         from dheads.model.audio import AudioFeatures
 
         torch.set_num_threads(1)  # one actor per CPU: no intra-op oversubscription
         self.model, self.data, self.storage, self.output = model, data, storage_cfg, output
+        self.max_clip_s = max_clip_s
         self.features = AudioFeatures(model.audio)
 
     def __call__(self, batch: dict) -> dict:
         rows, status = [], []
         for i in range(len(batch["source_uri"])):
             task = {k: str(batch[k][i]) for k in ("source_uri", "clip_id", "folder")}
+            if "source_path" in batch:
+                task["source_path"] = bytes(batch["source_path"][i])
             try:
-                row = process_clip(task, self.model, self.data, self.storage, self.features)
+                row = process_clip(task, self.model, self.data, self.storage, self.features,
+                                   max_seconds=self.max_clip_s)
                 rows.append(row)
                 status.append((task, "ok", "", "", row["n_frames"]))
             except ClipError as e:
-                status.append((task, "failed", e.stage, e.reason, 0))
+                status.append((task, "failed", e.stage, storage.display_name(e.reason), 0))
             except Exception as e:  # an unforeseen bug fails its clip, not the job
-                status.append((task, "failed", "internal", f"{type(e).__name__}: {e}", 0))
+                status.append((task, "failed", "internal",
+                               storage.display_name(f"{type(e).__name__}: {e}"), 0))
         shard = ""
         if rows:
             try:
@@ -406,10 +453,12 @@ def _metrics(summary: Summary) -> bytes:
     return generate_latest(reg)
 
 
-def preprocess(cfg: PreprocessJob, progress: bool = True, tasks: list[dict] | None = None) -> Summary:
+def preprocess(cfg: PreprocessJob, progress: bool = True, tasks: list[dict] | None = None,
+               max_clip_s: float = MAX_CLIP_S) -> Summary:
     """Run the pipeline on the connected Ray cluster; returns the summary.
 
-    `tasks` (from `list_clips`) replaces the listing of `cfg.input`."""
+    `tasks` (from `list_clips`) replaces the listing of `cfg.input`;
+    `max_clip_s` bounds the seconds decoded per clip."""
     import ray
     from tqdm import tqdm
 
@@ -432,7 +481,8 @@ def preprocess(cfg: PreprocessJob, progress: bool = True, tasks: list[dict] | No
                             compute=ray.data.ActorPoolStrategy(size=workers),
                             **({"runtime_env": {"env_vars": env}} if env else {}),
                             fn_constructor_kwargs=dict(model=cfg.model, data=cfg.data,
-                                                       storage_cfg=cfg.storage, output=cfg.output))
+                                                       storage_cfg=cfg.storage, output=cfg.output,
+                                                       max_clip_s=max_clip_s))
         with tqdm(total=len(todo), unit="clip", disable=not progress, desc="preprocess") as bar:
             for row in ds.iter_rows():
                 results.append(row)
