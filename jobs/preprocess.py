@@ -18,6 +18,11 @@ face geometry, computes the audio features with the model's own
 batch. It returns one small status row per clip to the driver, which drives a
 tqdm bar and writes the errors table, the summary and the metrics. A failure
 of a clip is a status row (source_uri, stage, reason); it never stops the job.
+Every input is untrusted: decoding stops at `MAX_CLIP_S`, frames smaller than
+a quarter of the image size are refused, frames past the end of the audio
+are dropped, and a local name that is not valid UTF-8 is processed under an
+escaped text form (`storage.display_name`). The kinds covered and their
+tests: docs/readme/issue12_inputs.md.
 
 Output layout (`output` URI):
 
