@@ -531,16 +531,27 @@ class SkipSection(Exception):
     pass
 
 
+def section_cells(doc: dict, name: str) -> list[dict]:
+    kind, mode = name.split("_", 1)
+    if kind == "train":
+        return list(doc["training"][mode].values())
+    return [c for by in doc["sampling"][mode].values() for key, c in by.items() if key.isdigit()]
+
+
+def skip_section(doc: dict, name: str, reason: str) -> None:
+    doc["sections"][name] = {"status": "skipped", "reason": reason}
+    for cell in section_cells(doc, name):
+        if cell.get("status") == "not run":
+            cell.update(status="skipped", reason=reason)
+
+
 def run_section(ctx, name: str) -> None:
     doc, budget, args = ctx["doc"], ctx["budget"], ctx["args"]
     need = 0 if args.smoke else MIN_LEFT_S[name]
     if name not in args.sections:
-        doc["sections"][name] = {"status": "skipped", "reason": "not in --sections"}
-        return
+        return skip_section(doc, name, "not in --sections")
     if budget.left() < need:
-        doc["sections"][name] = {"status": "skipped",
-                                 "reason": f"budget: {budget.left():.0f} s left, needs ~{need} s"}
-        return
+        return skip_section(doc, name, f"budget: {budget.left():.0f} s left, needs ~{need} s")
     t0 = time.monotonic()
     doc["sections"][name] = {"status": "running"}
     ctx["report"].save()
@@ -549,7 +560,7 @@ def run_section(ctx, name: str) -> None:
         (train_section if kind == "train" else sample_section)(ctx, mode)
         doc["sections"][name] = {"status": "done"}
     except SkipSection as e:
-        doc["sections"][name] = {"status": "skipped", "reason": str(e)}
+        skip_section(doc, name, str(e))
     except Exception as e:
         log.exception(name)
         doc["sections"][name] = {"status": "error", "reason": describe(e)}

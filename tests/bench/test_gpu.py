@@ -104,7 +104,8 @@ def test_every_section_is_skipped_with_its_reason_when_no_time_is_left(tmp_path)
     doc, _ = run_script(tmp_path, "--smoke", "--budget-s", "0")
     for name, section in doc["sections"].items():
         assert section["status"] == "skipped" and section["reason"].startswith("budget"), name
-    assert doc["training"]["eager"]["plain"]["status"] == "not run"
+    assert doc["training"]["eager"]["plain"]["status"] == "skipped"
+    assert doc["sampling"]["cudagraphs"]["ddim"]["1"]["reason"].startswith("budget")
     assert doc["goals"]["training_mfu"] == {"value": None, "at": None, "target": 0.4, "met": None}
     assert doc["peak_tflops"] > 0 and doc["params"] == 2_848_902
 
