@@ -87,8 +87,9 @@ def discretized_gaussian_log_likelihood(x, means, log_scales) -> torch.Tensor:
 def mouth_mask(mouth_box: torch.Tensor, height: int, width: int, margin: float = 0.0) -> torch.Tensor:
     """`[B, 4]` boxes (x0, y0, x1, y1 in pixels) -> `[B, 1, H, W]` float mask
     of the pixels the box, grown by `margin` pixels on every side, overlaps."""
-    box = mouth_box.to(torch.float32) + torch.tensor([-margin, -margin, margin, margin],
-                                                     device=mouth_box.device)
+    box = mouth_box.to(torch.float32)
+    # no torch.tensor(..., device=): a blocking host->GPU copy every training step
+    box = torch.cat([box[:, :2] - margin, box[:, 2:] + margin], dim=1)
     xs = torch.arange(width, device=box.device, dtype=torch.float32)
     ys = torch.arange(height, device=box.device, dtype=torch.float32)
     in_x = (xs[None] + 1 > box[:, 0:1]) & (xs[None] < box[:, 2:3])  # [B, W]

@@ -92,6 +92,7 @@ class _Slot:
     frame_hi: int
     frames: list = field(default_factory=list)
     k: int = 0                      # the frame being denoised
+    steps_left: int = 0             # its denoising steps still to run (host copy of step_idx + 1)
     x_T: Optional[torch.Tensor] = None           # the last frame's x_T
     motion_noise: Optional[torch.Tensor] = None  # the last frame's motion-frame noise
 
@@ -106,7 +107,8 @@ class FrameLoop:
 
     def __init__(self, model: nn.Module, sampler: Sampler, capacity: int,
                  device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
-                 autocast: torch.dtype | None = None, noise_correlation: float = 0.0):
+                 autocast: torch.dtype | None = None, noise_correlation: float = 0.0,
+                 fixed_batch: bool = False):
         cfg = getattr(model, "cfg", None) or getattr(getattr(model, "module", None), "cfg", None)
         if cfg is None:
             raise TypeError("FrameLoop needs a DiffusedHeads model (with .cfg)")
@@ -116,6 +118,10 @@ class FrameLoop:
         self.residual = bool(sampler.process.cfg.identity_residual)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.dtype, self.capacity = dtype, int(capacity)
+        # fixed_batch: every step runs the UNet over all `capacity` slots (idle
+        # ones compute values nobody reads), so its batch never changes: one
+        # torch.compile graph and one CUDA graph, at the cost of the idle slots' compute.
+        self.fixed_batch = bool(fixed_batch)
         # the UNet call under autocast (e.g. bf16 on a CPU with AVX512-BF16);
         # the sampler's schedule math stays in float32 or better
         self.autocast = autocast
@@ -133,6 +139,7 @@ class FrameLoop:
         self.step_idx = torch.zeros(n, dtype=torch.long, device=self.device)
         self.sigma = torch.full((n,), float(cfg.motion.infer_noise), device=self.device)
         self.slots: list[Optional[_Slot]] = [None] * n
+        self._busy_index: tuple[tuple, Optional[torch.Tensor]] = ((), None)
         self.unet_calls = 0
         self.frames_done = 0
         # seconds of the last step's UNet call; only measured with `profile`
@@ -196,6 +203,7 @@ class FrameLoop:
         slot.x_T = self._correlated(slot, slot.x_T, self.x_t.shape[1:])
         self.x_t[i] = slot.x_T
         self.step_idx[i] = self.sampler.num_steps - 1
+        slot.steps_left = self.sampler.num_steps
 
     def _correlated(self, slot: _Slot, last: Optional[torch.Tensor], shape) -> torch.Tensor:
         """Unit Gaussian noise for this frame: ρ · last + √(1−ρ²) · fresh."""
@@ -228,7 +236,9 @@ class FrameLoop:
         busy = [i for i, s in enumerate(self.slots) if s is not None]
         if not busy:
             return []
-        idx = slice(None) if len(busy) == self.capacity else torch.tensor(busy, device=self.device)
+        full = self.fixed_batch or len(busy) == self.capacity
+        idx = slice(None) if full else self._index(busy)
+        rows = range(self.capacity) if full else busy  # the slot of each batch row
         x_t, step_idx = self.x_t[idx], self.step_idx[idx].clone()  # views when every slot is busy
         extra = {"motion_sigma": self.sigma[idx]} if self.cfg.motion.embed_noise else {}
         t0 = time.perf_counter() if self.profile else 0.0
@@ -244,17 +254,31 @@ class FrameLoop:
         noise = None
         if self.sampler.needs_noise:
             noise = torch.stack([torch.randn(x_t.shape[1:], generator=self.slots[i].generator,
-                                             device=self.device, dtype=self.dtype) for i in busy])
+                                             device=self.device, dtype=self.dtype)
+                                 if self.slots[i] is not None else torch.zeros_like(x_t[0])
+                                 for i in rows])
         offset = self.identity[idx] if self.residual else None
         x_prev = self.sampler.step(out, x_t, step_idx, noise, offset).to(self.dtype)
         self.x_t[idx] = x_prev
-        self.step_idx[idx] = step_idx - 1
+        self.step_idx[idx] = (step_idx - 1).clamp_(min=0)  # idle slots stay a valid index
         finished = []
-        for j in (step_idx == 0).nonzero().flatten().tolist():
-            result = self._finish_frame(busy[j], x_prev[j])
-            if result is not None:
-                finished.append(result)
+        for j, i in enumerate(rows):  # host-side counters: reading step_idx back would sync
+            if self.slots[i] is None:
+                continue
+            self.slots[i].steps_left -= 1
+            if self.slots[i].steps_left == 0:
+                result = self._finish_frame(i, x_prev[j])
+                if result is not None:
+                    finished.append(result)
         return finished
+
+    def _index(self, busy: list[int]) -> torch.Tensor:
+        """The device index of the busy slots, rebuilt only when they change
+        (each build is a blocking host->GPU copy)."""
+        key = tuple(busy)
+        if self._busy_index[0] != key:
+            self._busy_index = (key, torch.tensor(busy, device=self.device))
+        return self._busy_index[1]
 
     def run(self) -> dict[Hashable, torch.Tensor]:
         """Step until every admitted clip is done: `{key: frames}`."""

@@ -96,11 +96,15 @@ class Sampler(abc.ABC):
             self.process = GaussianDiffusion(cfg, betas=respaced_betas(ac, self.keep))
         self.num_steps = len(self.keep)
         self.timestep_map = torch.tensor(self.keep, dtype=torch.long)
+        self._maps: dict[torch.device, torch.Tensor] = {}
         self.clip_denoised = clip_denoised
 
     def model_timesteps(self, step_idx: torch.Tensor) -> torch.Tensor:
         """`[B]` step indices -> `[B]` original timesteps fed to the UNet."""
-        return self.timestep_map.to(step_idx.device)[step_idx]
+        table = self._maps.get(step_idx.device)
+        if table is None:  # once per device: a blocking host->GPU copy per step syncs the host
+            table = self._maps[step_idx.device] = self.timestep_map.to(step_idx.device)
+        return table[step_idx]
 
     def _noise(self, x_t: torch.Tensor, noise: Optional[torch.Tensor]) -> torch.Tensor:
         return torch.randn_like(x_t) if noise is None else noise

@@ -107,11 +107,18 @@ class AttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor, *_) -> torch.Tensor:
         b, c, hgt, wid = x.shape
         flat = x.reshape(b, c, hgt * wid)
-        q, k, v = self.qkv(self.norm(flat)).reshape(b, 3, self.num_heads, c // self.num_heads, -1) \
-            .permute(1, 0, 2, 4, 3).unbind(0)  # each [B, heads, L, head_ch]
-        a = F.scaled_dot_product_attention(q, k, v)
-        a = a.permute(0, 1, 3, 2).reshape(b, c, hgt * wid)
-        return (flat + self.proj(a)).reshape(b, c, hgt, wid)
+        # Token-major q/k/v (the 1x1 convolutions applied as linear layers, same
+        # weights): the head channels are then the contiguous last dimension,
+        # which the fused (flash / memory-efficient / cuDNN) SDPA kernels need;
+        # channel-major q/k/v fall back to the math kernel, which materialises
+        # the [B, heads, L, L] attention matrix.
+        tokens = self.norm(flat).transpose(1, 2)  # [B, L, C]
+        qkv = F.linear(tokens, self.qkv.weight.squeeze(-1), self.qkv.bias)  # [B, L, 3C]
+        q, k, v = qkv.reshape(b, hgt * wid, 3, self.num_heads, c // self.num_heads) \
+            .permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, L, head_ch]
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, hgt * wid, c)
+        out = F.linear(a, self.proj.weight.squeeze(-1), self.proj.bias)  # [B, L, C]
+        return (flat + out.transpose(1, 2)).reshape(b, c, hgt, wid)
 
 
 class CondSequential(nn.ModuleList):
@@ -195,14 +202,17 @@ class DiffusedHeads(nn.Module):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, identity: torch.Tensor,
                 motion: torch.Tensor, audio: torch.Tensor,
                 motion_sigma: torch.Tensor | None = None) -> torch.Tensor:
-        t_emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(x_t.dtype))
+        # Compute in the parameters' dtype whatever the inputs' (bf16 weights on
+        # the frame loop's fp32 state; under autocast the weights stay fp32).
+        dtype = self.time_embed[0].weight.dtype
+        t_emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(dtype))
         if self.motion_noise_embed is not None:
             sigma = torch.zeros_like(t, dtype=torch.float32) if motion_sigma is None else motion_sigma
             t_emb = t_emb + self.motion_noise_embed(
-                timestep_embedding(sigma.float() * 1000.0, self.cfg.model_channels).to(x_t.dtype))
-        a = self.audio_encoder(audio.to(x_t.dtype))  # [B, W, embed_dim]
+                timestep_embedding(sigma.float() * 1000.0, self.cfg.model_channels).to(dtype))
+        a = self.audio_encoder(audio.to(dtype))  # [B, W, embed_dim]
         a_emb = self.audio_embed(a.reshape(a.shape[0], -1))
-        h = torch.cat([x_t, identity, motion], dim=1)
+        h = torch.cat([x_t, identity, motion], dim=1).to(dtype)
         skips = []
         for block in self.input_blocks:
             h = block(h, t_emb, a_emb)
