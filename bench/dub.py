@@ -16,8 +16,9 @@ Prints one JSON line:
   one `DubbingModel` replica, decode/encode in Ray tasks) / the same items
   through `dub_items` (bench/_dubbing.py) in this process, same checkpoint,
   sampler, slot count and threads, same run; the engines' wall and CPU
-  seconds per item are reported beside it, and the 1-minute load average
-  at the start and the end (the machine may be shared).
+  seconds per item and UNet calls per frame are reported beside it, every
+  repeat's ratio, and the 1-minute load average at the start and the end
+  (the machine may be shared).
 The model is the `tiny` preset (random init: throughput does not depend on
 the weights) at `--image-size`. CPU threads are pinned (`--threads`) so both
 sides of each ratio run alike on a shared machine.
@@ -37,6 +38,7 @@ JSON_KEYS = ("bench", "model", "image_size", "params", "threads", "device",
              "batching_gain_16", "batching_gain_16_cpu", "sampler_overhead",
              "fps_ddim10", "fps_ddim20", "fps_ddim50", "offline_s_per_item", "serve_s_per_item",
              "serve_over_offline", "engine_wall_s_per_item_offline", "engine_wall_s_per_item_serve",
+             "unet_calls_per_frame_offline", "unet_calls_per_frame_serve",
              "load_avg_1m", "load_avg_1m_end", "smoke")
 
 def _engine(ckpt: str, steps: int, batch: int, threads: int):
@@ -126,7 +128,14 @@ def serve_vs_offline(ckpt: str, tmp: Path, n: int, seconds: float, batch: int, s
         f"serve.job_store={tmp}/jobstore", f"serve.output_dir={tmp}/served",
         f"dub.batch_size={batch}", f"dub.num_threads={threads}", f"serve.max_batch_size={batch}",
         "serve.autoscaling.min_replicas=1", "serve.autoscaling.max_replicas=1"])
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    for attempt in range(3):  # a loaded host can miss Ray's fixed 30 s raylet start deadline
+        try:
+            ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+            break
+        except Exception:  # noqa: BLE001 - Ray raises a bare Exception for it
+            ray.shutdown()
+            if attempt == 2:
+                raise
     try:
         app.run(scfg)
         url, headers = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {token}"}
@@ -145,21 +154,22 @@ def serve_vs_offline(ckpt: str, tmp: Path, n: int, seconds: float, batch: int, s
 
         model = serve.get_deployment_handle("DubbingModel", app_name=app.APP_NAME)
 
-        def engine_times() -> tuple[float, float]:
+        def engine_times() -> tuple[float, float, int, int]:
             info = model.info.remote().result()
-            return info["wall_s"], info["cpu_s"]
+            return info["wall_s"], info["cpu_s"], info["steps"], info["frames"]
 
         job(items[:1])                                       # warm-up (replica, routes)
         # alternate the two on the shared machine; the best of each is the least disturbed
         offline, served, off_engine, srv_engine = [], [], [], []
         for _ in range(repeats):
-            w, c = engine.stats.wall_s, engine.stats.cpu_s
+            st = engine.stats
+            w, c, k, f = st.wall_s, st.cpu_s, st.steps, st.frames
             offline.append(offline_run() / n)
-            off_engine.append(((engine.stats.wall_s - w) / n, (engine.stats.cpu_s - c) / n))
-            w, c = engine_times()
+            off_engine.append(((st.wall_s - w) / n, (st.cpu_s - c) / n, (st.steps - k) / (st.frames - f)))
+            w, c, k, f = engine_times()
             served.append(job(items) / n)
-            w2, c2 = engine_times()
-            srv_engine.append(((w2 - w) / n, (c2 - c) / n))
+            w2, c2, k2, f2 = engine_times()
+            srv_engine.append(((w2 - w) / n, (c2 - c) / n, (k2 - k) / (f2 - f)))
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -172,7 +182,10 @@ def serve_vs_offline(ckpt: str, tmp: Path, n: int, seconds: float, batch: int, s
             "engine_wall_s_per_item_offline": round(off_engine[best][0], 3),
             "engine_wall_s_per_item_serve": round(srv_engine[best][0], 3),
             "engine_cpu_s_per_item_offline": round(off_engine[best][1], 3),
-            "engine_cpu_s_per_item_serve": round(srv_engine[best][1], 3)}
+            "engine_cpu_s_per_item_serve": round(srv_engine[best][1], 3),
+            # UNet calls per frame: how well each side filled the slot pool
+            "unet_calls_per_frame_offline": round(off_engine[best][2], 3),
+            "unet_calls_per_frame_serve": round(srv_engine[best][2], 3)}
 
 
 def main() -> None:

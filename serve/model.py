@@ -62,7 +62,8 @@ class DubbingModel:
         return {"replica": serve.get_replica_context().replica_id.unique_id,
                 "actor_name": rt.get_actor_name(), "namespace": rt.namespace,
                 "image_size": self.image_size, "unet_s": s.unet_s, "wall_s": s.wall_s, "cpu_s": s.cpu_s,
-                "frames": s.frames, "segments": s.segments, "queue_depth": self.batcher.queue_depth}
+                "steps": s.steps, "frames": s.frames, "segments": s.segments,
+                "queue_depth": self.batcher.queue_depth}
 
     def __del__(self):
         batcher = getattr(self, "batcher", None)
