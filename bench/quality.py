@@ -19,6 +19,8 @@ UNet under bf16 autocast on CPUs that have it), and are scored by
 - `ceiling_model_res`: the reference resized to the model's image size and
   back: what a perfect model at that resolution would score;
 - `floor`: the identity frame held still, with the real audio;
+- `floor_model_res`: the same at the model's resolution (the identity
+  frame resized to the model's size and back, held still);
 - `samplers`: one row per sampler spec — `default` (SamplerConfig's
   defaults), `trailingN` / `ddimN` (DDIM η = 0 over trailing or
   guided-diffusion spacing), `respacedN` (ancestral, the paper's), each
@@ -48,7 +50,7 @@ REPO = Path(__file__).resolve().parents[1]
 ROW_KEYS = ("sync_r", "sync_r_best", "sync_lag", "psnr_upper", "ssim_upper", "flow_ratio",
             "blink_rate_gen", "blink_rate_ref", "blink_rate_ratio", "drift_db", "clips", "frames")
 JSON_KEYS = ("bench", "checkpoint", "clips", "seconds_per_clip", "image_size", "smoke",
-             *(f"{row}.{k}" for row in ("ceiling", "ceiling_model_res", "floor")
+             *(f"{row}.{k}" for row in ("ceiling", "ceiling_model_res", "floor", "floor_model_res")
                for k in ("sync_r", "psnr_upper", "ssim_upper", "flow_ratio", "blink_rate_gen")),
              *(f"samplers.0.{k}" for k in ROW_KEYS + ("sampler", "frames_per_s", "wall_s")),
              "long_clip.seconds", "long_clip.segments", "long_clip.psnr_upper_first5s",
@@ -222,6 +224,10 @@ def evaluate_checkpoint(checkpoint: str, val: str, out: Path, samplers: list[str
     transformed(ref, out / "model_res", stems, at_resolution(image_size))
     result["ceiling_model_res"] = evaluate(str(out / "model_res"), str(ref),
                                            str(out / "eval_model_res"), **quiet)
+    res = at_resolution(image_size)
+    transformed(ref, out / "floor_model_res", stems, lambda f: res(f[:1]).repeat(len(f), axis=0))
+    result["floor_model_res"] = evaluate(str(out / "floor_model_res"), str(ref),
+                                         str(out / "eval_floor_model_res"), **quiet)
     result["samplers"] = []
     for spec in samplers:
         gen = out / spec
