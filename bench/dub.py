@@ -110,7 +110,7 @@ def serve_vs_offline(ckpt: str, tmp: Path, n: int, seconds: float, batch: int, s
     items = _items(tmp, n, seconds, "offline")
     cfg = DubConfig(batch_size=batch, num_threads=threads)
     engine = _engine(ckpt, steps, batch, threads)
-    dub_items(engine, items[:1], cfg)                        # warm-up
+    dub_items(engine, items, cfg)                            # warm-up
 
     def offline_run() -> float:
         t = time.perf_counter()
@@ -158,7 +158,7 @@ def serve_vs_offline(ckpt: str, tmp: Path, n: int, seconds: float, batch: int, s
             info = model.info.remote().result()
             return info["wall_s"], info["cpu_s"], info["steps"], info["frames"]
 
-        job(items[:1])                                       # warm-up (replica, routes)
+        job(items)  # warm-up with the same items: replica, routes, one media worker per parallel task
         # alternate the two on the shared machine; the best of each is the least disturbed
         offline, served, off_engine, srv_engine = [], [], [], []
         for _ in range(repeats):

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dheads.model.video import clip_seed
 from dheads.platform.config import DubConfig
 
 SAMPLE_RATE = 16000
@@ -33,6 +32,13 @@ SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640
 # those of the whole clip. Holds for m_y <= PAD_FRAMES - 2.
 PAD_FRAMES = 8
 PAD_SAMPLES = PAD_FRAMES * SAMPLES_PER_FRAME
+
+
+def segment_seed(seed: int, index: int) -> int:
+    """The seed of segment `index` of an item dubbed with `seed`: the numbers
+    of `dheads.model.video.clip_seed` (a test holds them equal), written here
+    so that decoding and encoding workers never import torch (~2.5 s a worker)."""
+    return int(seed) * 1_000_003 + int(index)
 
 
 def n_video_frames(n_samples: int) -> int:
@@ -122,7 +128,7 @@ EMPTY_SEGMENT_ROW = {"item_id": "", "index": 0, "count": 0, "start": 0, "n_frame
 def segment_item(item_id: str, identity: np.ndarray, audio: np.ndarray, cfg: DubConfig,
                  seed: int = 0) -> list[Segment]:
     """Split an item's audio `[S]` (16 kHz) into `Segment`s at low-energy
-    points; segment i is seeded `clip_seed(seed, i)`."""
+    points; segment i is seeded `segment_seed(seed, i)`."""
     n = n_video_frames(len(audio))
     bounds = plan_segments(frame_energy(audio, n), int(round(cfg.max_segment_s * FPS)),
                            int(round(cfg.min_segment_s * FPS)), cfg.crossfade_frames)
@@ -135,7 +141,7 @@ def segment_item(item_id: str, identity: np.ndarray, audio: np.ndarray, cfg: Dub
                           if i + 1 < len(bounds) else 0)
         lo, hi = s * SAMPLES_PER_FRAME, (s + length) * SAMPLES_PER_FRAME + 2 * PAD_SAMPLES
         segments.append(Segment(item_id, i, len(bounds), s, length, identity,
-                                padded[lo:hi].copy(), n, seed=clip_seed(seed, i)))
+                                padded[lo:hi].copy(), n, seed=segment_seed(seed, i)))
     return segments
 
 
@@ -192,5 +198,5 @@ def assemble(segments: list[Segment], frames: dict[int, np.ndarray]) -> tuple[np
 
 
 __all__ = ["SAMPLE_RATE", "FPS", "SAMPLES_PER_FRAME", "PAD_FRAMES", "Segment", "EMPTY_SEGMENT_ROW",
-           "n_video_frames", "frame_energy", "plan_segments", "segment_item", "item_audio",
+           "segment_seed", "n_video_frames", "frame_energy", "plan_segments", "segment_item", "item_audio",
            "stitch", "assemble"]

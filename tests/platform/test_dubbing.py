@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from dheads.model.config import SamplerConfig
+from dheads.model.video import clip_seed
 from dheads.platform.config import DubConfig
 from dheads.platform.dubbing.engine import build_engine
 from dheads.platform.dubbing.items import DubItem, ItemError, finish_item, prepare_item
@@ -96,7 +97,8 @@ def test_segments_round_trip_through_rows_and_give_back_the_items_audio(speech):
         assert (a.item_id, a.index, a.count, a.start, a.n_frames, a.item_frames, a.seed) == \
             (b.item_id, b.index, b.count, b.start, b.n_frames, b.item_frames, b.seed)
         assert np.array_equal(a.identity, b.identity) and np.array_equal(a.audio, b.audio)
-    assert [s.seed for s in segs] == [5 * 1_000_003 + i for i in range(len(segs))]  # clip_seed
+    # segment i is seeded like clip i of generate(seed=5)
+    assert [s.seed for s in segs] == [clip_seed(5, i) for i in range(len(segs))]
     # the output's audio track, rebuilt from the segments, is the input at the video's length
     n = segs[0].item_frames
     assert np.array_equal(item_audio(back), fit_length(audio, n * SAMPLES_PER_FRAME))
