@@ -1,0 +1,183 @@
+"""The job database, one suite for both backends (SQLite file in WAL mode,
+and a real PostgreSQL server the tests start): leases, takeover after a
+crash, capped attempts, cancel that no late save undoes, expiry, tenancy and
+corrupt rows. Two `JobStore` objects are two ingresses (two connections)."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from dheads.platform.dubbing.items import ItemStatus
+from dheads.serve.jobstore import ItemRecord, JobRecord, JobStatus, JobStore
+
+
+def _job(n: int = 2, tenant: str = "default", uploads: str | None = None) -> JobRecord:
+    return JobRecord(tenant=tenant, uploads=uploads, items=[
+        ItemRecord(item_id=f"i{k}", identity=f"/in/id{k}.png", audio=f"/in/a{k}.wav",
+                   output=f"/out/{tenant}/i{k}.mp4") for k in range(n)])
+
+
+@pytest.fixture
+def stores(store_url):
+    a = JobStore(store_url, lease_s=10, max_attempts=3)
+    b = JobStore(store_url, lease_s=10, max_attempts=3)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_a_job_round_trips_and_is_visible_only_to_its_tenant(stores):
+    a, b = stores
+    job = _job(3, tenant="acme")
+    a.create(job)
+    got = b.load(job.job_id, "acme")
+    assert got.status == JobStatus.queued and [i.item_id for i in got.items] == ["i0", "i1", "i2"]
+    assert got.items[2].output == "/out/acme/i2.mp4" and got.tenant == "acme"
+    assert b.load(job.job_id, "other") is None and b.cancel(job.job_id, "other") is None
+    assert b.load(job.job_id) is not None          # (the service always passes the tenant)
+    assert a.load("not-a-job-id") is None and a.load("0" * 32) is None
+    assert a.outputs_in_use(["/out/acme/i1.mp4", "/elsewhere.mp4"]) == {"/out/acme/i1.mp4"}
+
+
+def test_two_ingresses_never_claim_the_same_item(stores):
+    a, b = stores
+    jobs = [_job(10) for _ in range(4)]
+    for j in jobs:
+        a.create(j)
+    got: dict[str, list] = {"a": [], "b": []}
+
+    def drain(store, name):
+        while True:
+            claims = store.claim(name, 1)
+            if not claims:
+                return
+            got[name].extend((c.job_id, c.index) for c in claims)
+
+    threads = [threading.Thread(target=drain, args=(s, n)) for s, n in ((a, "a"), (b, "b"), (a, "a"), (b, "b"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    everything = {(j.job_id, k) for j in jobs for k in range(10)}
+    assert sorted(got["a"] + got["b"]) == sorted(everything)     # each item exactly once
+    assert not set(got["a"]) & set(got["b"])
+    assert all(i.attempts == 1 for j in jobs for i in a.load(j.job_id).items)
+
+
+def test_a_crashed_ingress_items_are_taken_over_after_the_lease(stores):
+    a, b = stores
+    job = _job(1)
+    a.create(job)
+    t0 = 1_000_000_000.0 + 10 ** 8       # a clock far ahead of the job's creation
+    [claim] = a.claim("ingress-a", 5, now=t0)
+    assert claim.attempt == 1 and a.progress("ingress-a", job.job_id, 0, 4, 1)
+    assert b.claim("ingress-b", 5, now=t0 + 5) == []             # lease still held
+    # ingress-a "crashes": it never renews; after the lease, b takes the item over
+    [taken] = b.claim("ingress-b", 5, now=t0 + 11)
+    assert (taken.job_id, taken.index, taken.attempt) == (job.job_id, 0, 2)
+    assert "lease expired" in b.load(job.job_id).items[0].reason
+    # a late save from the old owner changes nothing
+    assert a.finish("ingress-a", job.job_id, 0, ItemStatus.succeeded) is None
+    assert not a.progress("ingress-a", job.job_id, 0, 4, 4)
+    assert a.renew("ingress-a") == set() and b.renew("ingress-b") == {(job.job_id, 0)}
+    assert b.finish("ingress-b", job.job_id, 0, ItemStatus.succeeded, seconds=2.0) == JobStatus.succeeded
+    done = a.load(job.job_id)
+    assert done.status == JobStatus.succeeded and done.items[0].seconds == 2.0 and done.finished_at
+
+
+def test_attempts_are_capped_and_the_item_fails_with_its_last_error(store_url):
+    s = JobStore(store_url, lease_s=10, max_attempts=2)
+    job = _job(2)
+    s.create(job)
+    t = 2_000_000_000.0
+    assert len(s.claim("x", 5, now=t)) == 2
+    # item 0: its worker crashes; the error comes back and it is released for a retry
+    assert s.release("x", job.job_id, 0, "WorkerCrashedError: the worker died")
+    # item 1: the whole ingress dies (nothing comes back): the lease expires
+    again = s.claim("y", 5, now=t + 11)
+    assert sorted((c.index, c.attempt) for c in again) == [(0, 2), (1, 2)]
+    assert s.release("y", job.job_id, 0, "WorkerCrashedError: the worker died again")
+    assert s.claim("z", 5, now=t + 30) == []            # both are out of attempts now
+    items = s.load(job.job_id).items
+    assert items[0].status == ItemStatus.failed and items[0].reason == (
+        "gave up after 2 attempts; last error: WorkerCrashedError: the worker died again")
+    assert items[1].status == ItemStatus.failed and items[1].reason.startswith("gave up after 2 attempts")
+    assert "lease expired" in items[1].reason
+    assert s.load(job.job_id).status == JobStatus.failed
+    s.close()
+
+
+def test_cancel_is_final_and_no_late_save_undoes_it(stores):
+    a, b = stores
+    job = _job(3)
+    a.create(job)
+    claims = a.claim("a", 2)
+    assert len(claims) == 2
+    assert a.finish("a", job.job_id, 0, ItemStatus.succeeded, seconds=1.0) == JobStatus.running
+    cancelled = b.cancel(job.job_id, "default")
+    assert cancelled.status == JobStatus.cancelled
+    assert [i.status for i in cancelled.items] == [ItemStatus.succeeded, ItemStatus.cancelled,
+                                                   ItemStatus.cancelled]
+    # the ingress still running item 1 saves late: refused, and it learns it lost the item
+    assert a.finish("a", job.job_id, 1, ItemStatus.succeeded) is None
+    assert not a.progress("a", job.job_id, 1, 3, 3) and not a.mark_writing("a", job.job_id, 1)
+    assert not a.release("a", job.job_id, 1, "late error")
+    assert a.renew("a") == set()
+    assert a.claim("a", 5) == [] and b.claim("b", 5) == []
+    again = a.load(job.job_id)
+    assert again.status == JobStatus.cancelled and again.items[1].status == ItemStatus.cancelled
+    assert a.cancel(job.job_id).status == JobStatus.cancelled      # idempotent
+    done = _job(1)                                                  # a finished job stays finished
+    a.create(done)
+    [c] = a.claim("a", 1)
+    a.finish("a", done.job_id, 0, ItemStatus.failed, reason="audio: no audio stream")
+    assert b.cancel(done.job_id).status == JobStatus.failed
+
+
+def test_jobs_and_uploads_expire(stores):
+    a, _ = stores
+    finished, waiting = _job(1, uploads="/up/finished"), _job(2, uploads="/up/waiting")
+    a.create(finished)
+    a.create(waiting)
+    [c] = [c for c in a.claim("a", 5) if c.job_id == finished.job_id] or [None]
+    a.release_all("a")                                   # graceful stop: not counted
+    assert all(i.attempts == 0 for i in a.load(waiting.job_id).items)
+    [c] = [c for c in a.claim("a", 5) if c.job_id == finished.job_id]
+    a.release_all("a")
+    [c] = [c for c in a.claim("a", 5) if c.job_id == finished.job_id]
+    a.finish("a", finished.job_id, 0, ItemStatus.succeeded)
+    a.release_all("a")
+    end = a.load(finished.job_id).finished_at
+    assert a.expire(job_ttl_s=100, upload_ttl_s=1000, now=end + 50) == ([], [])
+    gone, uploads = a.expire(job_ttl_s=100, upload_ttl_s=10 ** 9, now=end + 101)
+    assert gone == [finished.job_id] and uploads == ["/up/finished"]
+    assert a.load(finished.job_id) is None
+    # the waiting job's uploads expire before it ran: its queued items fail with the reason
+    gone, uploads = a.expire(job_ttl_s=10 ** 9, upload_ttl_s=1000, now=waiting.created_at + 1001)
+    assert gone == [] and uploads == ["/up/waiting"]
+    left = a.load(waiting.job_id)
+    assert left.status == JobStatus.failed
+    assert all(i.reason.startswith("upload expired") for i in left.items)
+
+
+def test_a_corrupt_record_fails_alone_and_blocks_nothing(stores):
+    a, b = stores
+    bad, good = _job(2), _job(1)
+    a.create(bad)
+    a.create(good)
+    with a.db.tx() as c:   # a row damaged on disk / by hand
+        c.run("UPDATE dheads_items SET spec = ? WHERE job_id = ? AND idx = 0", ("{not json", bad.job_id))
+    claims = b.claim("b", 10)
+    assert sorted((c.job_id, c.index) for c in claims) == sorted([(bad.job_id, 1), (good.job_id, 0)])
+    shown = b.load(bad.job_id)
+    assert shown.items[0].status == ItemStatus.failed and "corrupt job record" in shown.items[0].reason
+    with a.db.tx() as c:
+        c.run("UPDATE dheads_jobs SET status = ? WHERE job_id = ?", ("garbage", good.job_id))
+    assert b.load(good.job_id).status == JobStatus.failed          # readable, not running
+    # a new store over the same database (a restarting ingress) opens and claims normally
+    third = _job(1)
+    a.create(third)
+    c2 = JobStore(a.uri, lease_s=10)
+    assert [c.job_id for c in c2.claim("c", 10)] == [third.job_id]
+    c2.close()
