@@ -38,6 +38,7 @@ import zlib
 import numpy as np
 import pyarrow.parquet as pq
 
+from dheads.model.images import to_unit
 from dheads.platform import storage
 from dheads.platform.config import DataConfig, IdentitySource, ModelConfig, StorageConfig
 
@@ -56,9 +57,7 @@ def shard_uris(shards_uri: str, storage_cfg: StorageConfig | None = None) -> lis
     return uris
 
 
-def _unit(frames: np.ndarray) -> np.ndarray:
-    """`[..., H, W, 3]` uint8 -> `[..., 3, H, W]` float32 in [-1, 1]."""
-    return np.moveaxis(frames, -1, -3).astype(np.float32) / 127.5 - 1.0
+_unit = to_unit  # uint8 [..., H, W, 3] -> float32 [..., 3, H, W] in [-1, 1]
 
 
 def _features(row: dict) -> np.ndarray:

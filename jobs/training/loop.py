@@ -92,14 +92,9 @@ def train_step(model: nn.Module, diffusion: GaussianDiffusion, optimizer: torch.
 
 
 def to_model_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """Reader rows -> model inputs on `device` (uint8 images become [-1, 1] floats)."""
-    out = {}
-    for k in ("target", "identity", "motion", "audio", "mouth_box"):
-        v = batch[k]
-        if v.dtype == torch.uint8:
-            v = v.float() / 127.5 - 1.0
-        out[k] = v.to(device, torch.float32, non_blocking=True)
-    return out
+    """Reader rows (float32 already: `jobs/reader.py`) -> model inputs on `device`."""
+    return {k: batch[k].to(device, torch.float32, non_blocking=True)
+            for k in ("target", "identity", "motion", "audio", "mouth_box")}
 
 
 # ------------------------------------------------------------------- the data

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from dheads.model.config import DiffusionConfig, ModelConfig, SamplerConfig, SamplerKind
+from dheads.model.images import to_uint8, to_unit
 from dheads.platform import media, storage
 from dheads.platform.config import StorageConfig
 
@@ -25,16 +26,10 @@ class ValClip:
 
 def to_model_frames(frames: np.ndarray, size: int) -> torch.Tensor:
     """uint8 `[T, H, W, 3]` -> float `[T, 3, size, size]` in [-1, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    x = to_unit(torch.from_numpy(np.ascontiguousarray(frames)))
     if x.shape[-1] != size or x.shape[-2] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return x.clamp(-1, 1)
-
-
-def to_uint8(frames: torch.Tensor) -> np.ndarray:
-    """`[T, 3, H, W]` in [-1, 1] -> uint8 `[T, H, W, 3]`."""
-    x = ((frames.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def load_val_clips(val_uri: str, n: int, n_frames: int, model_cfg: ModelConfig,
