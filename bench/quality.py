@@ -134,7 +134,6 @@ def parse_sampler(spec: str):
 
 def dub_all(checkpoint: str, spec: str, items, n_slots: int, threads: int = 0) -> tuple[list, float]:
     """Dub `items` through one engine of `n_slots` slots; (results, wall seconds)."""
-    import torch
     from _dubbing import dub_items
 
     from dheads.platform.config import DubConfig
@@ -142,8 +141,7 @@ def dub_all(checkpoint: str, spec: str, items, n_slots: int, threads: int = 0) -
     from dheads.platform.dubbing.items import ItemStatus
 
     sampler, sigma = parse_sampler(spec)
-    bf16 = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
-    cfg = DubConfig(batch_size=max(1, n_slots), num_threads=threads, cpu_bf16=bf16, motion_noise=sigma)
+    cfg = DubConfig(batch_size=max(1, n_slots), num_threads=threads, motion_noise=sigma)
     engine = build_engine(checkpoint, sampler, cfg)
     t = time.time()
     results = dub_items(engine, items, cfg)

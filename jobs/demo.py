@@ -24,7 +24,7 @@ import requests
 from dheads.platform.cli import main as dheads
 
 OUT = Path(os.environ.get("DHEADS_DEMO_OUT", "demo_out")).resolve()
-STEPS = int(os.environ.get("DHEADS_DEMO_STEPS", "400"))
+STEPS = int(os.environ.get("DHEADS_DEMO_STEPS", "800"))
 CLIPS = int(os.environ.get("DHEADS_DEMO_CLIPS", "48"))
 HELD_OUT = 4
 PORT = int(os.environ.get("DHEADS_DEMO_PORT", "8123"))
@@ -56,7 +56,7 @@ def dub_via_api(token: str) -> int:
     rc = _job("serve", f"checkpoint={OUT / 'export'}", f"serve.token={token}",
               f"serve.port={PORT}", f"serve.allowed_uris=[{OUT}/]",
               f"serve.job_store={OUT / 'jobstore'}", f"serve.output_dir={OUT / 'dubbed'}",
-              "sampler=ddim", "sampler.steps=ddim10", "dub.num_threads=1", "blocking=false")
+              "dub.num_threads=1", "blocking=false")
     if rc:
         return rc
     base, headers = f"http://127.0.0.1:{PORT}", {"Authorization": f"Bearer {token}"}

@@ -31,6 +31,7 @@ from dheads.jobs.training.schedule import learning_rate
 from dheads.model.config import MotionConfig
 from dheads.model.diffusion import GaussianDiffusion
 from dheads.model.frameloop import noisy_motion
+from dheads.model.precision import use_cpu_bf16
 from dheads.platform import storage
 from dheads.platform.checkpointing import Checkpointer, Progress, TrainingState
 from dheads.platform.config import DataConfig, TrainJob
@@ -179,6 +180,7 @@ def train_loop_per_worker(config: dict) -> None:
                                     "torch_threads": torch.get_num_threads()}).encode(), job.storage)
     diffusion = GaussianDiffusion(job.diffusion)
 
+    cpu_bf16 = device.type == "cpu" and use_cpu_bf16(tc.cpu_bf16)
     end = min(tc.steps, tc.stop_at_step) if tc.stop_at_step > 0 else tc.steps
     reporter = RankZeroReporter(job, run_uri, rank, world, device, count_flops(job.model, 1),
                                 resume_step=progress.step) if rank == 0 else None
@@ -193,7 +195,7 @@ def train_loop_per_worker(config: dict) -> None:
         lr = learning_rate(step, tc.lr, tc.warmup_steps, tc.steps, tc.lr_schedule, tc.min_lr_ratio)
         t0 = time.perf_counter()
         out = train_step(model, diffusion, optimizer, batch, lr, tc.grad_clip,
-                         step_generator(tc.seed, step, rank, device), job.model.motion, tc.cpu_bf16)
+                         step_generator(tc.seed, step, rank, device), job.model.motion, cpu_bf16)
         ema.update(step)
         progress.step += 1
         metrics = global_mean(out, world)

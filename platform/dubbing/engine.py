@@ -147,7 +147,10 @@ def build_engine(checkpoint: str, sampler_cfg: Any, cfg: DubConfig,
     if cfg.stabilize_every is not None:
         motion.stabilize_every = int(cfg.stabilize_every)
     sampler = make_sampler(GaussianDiffusion(loaded.diffusion_cfg), sampler_cfg)
-    autocast = torch.bfloat16 if cfg.cpu_bf16 and torch.device(device).type == "cpu" else None
+    from dheads.model.precision import use_cpu_bf16
+
+    autocast = torch.bfloat16 if torch.device(device).type == "cpu" and use_cpu_bf16(cfg.cpu_bf16) \
+        else None
     return ContinuousBatcher(loaded.model, sampler, loaded.model_cfg.audio,
                              loaded.model_cfg.image_size, cfg.batch_size, device, autocast=autocast,
                              noise_correlation=sampler_cfg.noise_correlation)
