@@ -16,7 +16,7 @@ from torch import nn
 
 from dheads.model.config import DiffusionConfig, ModelConfig
 from dheads.platform import storage
-from dheads.platform.checkpointing import download, latest_checkpoint, load_ema_model
+from dheads.platform.checkpointing import checkpoint_dir_name, download, latest_checkpoint, load_ema_model
 from dheads.platform.config import ExportJob, StorageConfig
 from dheads.platform.errors import UserError
 
@@ -34,7 +34,14 @@ def write_export(model: nn.Module, model_cfg: ModelConfig, diffusion_cfg: Diffus
 
 
 def run(cfg: ExportJob) -> int:
-    checkpoint = latest_checkpoint(cfg.run, cfg.storage)
+    if cfg.step > 0:
+        checkpoint = storage.join(cfg.run, checkpoint_dir_name(cfg.step))
+        if not storage.exists(storage.join(checkpoint, ".metadata"), cfg.storage):
+            raise UserError(f"run={cfg.run} step={cfg.step}: no complete checkpoint "
+                            f"{checkpoint_dir_name(cfg.step)} there (the run keeps its last "
+                            "trainer.keep_checkpoints; step=0 takes the latest)")
+    else:
+        checkpoint = latest_checkpoint(cfg.run, cfg.storage)
     if checkpoint is None:
         raise UserError(f"run={cfg.run}: no training checkpoint (step_*/) there; "
                         "pass the run folder <trainer.storage_path>/<trainer.name> of `dheads train`")

@@ -223,6 +223,7 @@ class ExportJob:
     run: str = "runs/dheads-train"       # Ray Train run folder (local or s3://)
     out: str = "runs/export"
     weights: ExportWeights = ExportWeights.ema
+    step: int = 0                        # the checkpoint step_<step> of the run; 0: the latest
     storage: StorageConfig = field(default_factory=StorageConfig)
 
 
