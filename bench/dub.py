@@ -121,7 +121,7 @@ def serve_vs_offline(ckpt: str, tmp: Path, n: int, seconds: float, batch: int, s
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    token = "bench"
+    token = "bench-" + os.urandom(16).hex()   # the service refuses tokens under 32 characters
     scfg = compose("serve", [
         f"checkpoint={ckpt}", f"sampler.steps=ddim{steps}", f"serve.port={port}",
         f"serve.token={token}", "blocking=false", f'serve.allowed_uris=["{tmp}"]',

@@ -92,7 +92,7 @@ def main() -> int:
     if OUT.exists():
         shutil.rmtree(OUT)
     OUT.mkdir(parents=True)
-    token = secrets.token_urlsafe(16)
+    token = secrets.token_urlsafe(32)   # the service refuses tokens under 32 characters
     stages = Stages(["ray", "synth", "preprocess", "train", "export", "serve+dub", "eval"])
 
     def start_ray():

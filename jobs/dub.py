@@ -11,7 +11,10 @@ A row between the stages is an item's `kind` ("segment", "skipped",
 (empty for an item that is not a segment); the model stage adds `frames`.
 Per-item errors become `failed` rows with a reason; they never stop the job.
 A re-run skips every item whose output exists (outputs are written once,
-atomically, so an existing output is a complete one).
+atomically, so an existing output is a complete one); `dub.overwrite=true`
+regenerates them instead. A manifest whose rows share an item id or an
+output, or name an input as an output, is refused before anything runs
+(one line, exit 2).
 """
 from __future__ import annotations
 
@@ -26,7 +29,9 @@ import numpy as np
 from dheads.platform import storage
 from dheads.platform.config import DubConfig, DubJob, StorageConfig
 from dheads.platform.dubbing.engine import build_engine
-from dheads.platform.dubbing.items import DubItem, DubResult, ItemError, ItemStatus, finish_item, prepare_item
+from dheads.platform.dubbing.items import (
+    DubItem, DubResult, ItemError, ItemStatus, check_job_items, finish_item, prepare_item,
+)
 from dheads.platform.dubbing.segments import EMPTY_SEGMENT_ROW, Segment
 from dheads.platform.media import MediaError
 
@@ -71,7 +76,7 @@ def prepare_segments(batch: dict, cfg: DubConfig, output: str, base: str | None,
             rows.append(_item_row(str(raw.get("item_id") or f"row{i}"), "", FAILED, f"manifest: {e}"))
             continue
         try:
-            if storage.exists(item.output, storage_cfg):
+            if not cfg.overwrite and storage.exists(item.output, storage_cfg):
                 rows.append(_item_row(item.item_id, item.output, SKIPPED, "output exists"))
                 continue
             prepared = prepare_item(item, cfg, image_size, storage_cfg, seed)
@@ -121,6 +126,29 @@ def stitch_item(group: dict, storage_cfg: StorageConfig) -> dict:
     return {k: [v] for k, v in result.to_row().items()}
 
 
+def check_manifest(manifest, output: str, base: str | None) -> None:
+    """Refuse (UserError, one line) a manifest whose rows share an item id or
+    an output, or write an output onto an input: run as asked, two rows would
+    be merged into one mp4, or an input overwritten. Rows missing a field are
+    left to fail alone."""
+    from dheads.platform.errors import UserError
+
+    items = []
+    for i, raw in enumerate(manifest.iter_rows()):
+        raw = dict(raw)
+        for k in ("identity", "audio", "output"):
+            if isinstance(raw.get(k), str) and raw[k]:
+                raw[k] = _absolute(raw[k], base)
+        try:
+            items.append(DubItem.from_row(raw, output))
+        except ItemError:
+            continue
+    try:
+        check_job_items(items)
+    except ItemError as e:
+        raise UserError(f"manifest: {e} (item numbers count the manifest's valid rows)") from e
+
+
 def read_manifest(uri: str, storage_cfg: StorageConfig, runtime_env: dict):
     import ray.data
 
@@ -168,6 +196,7 @@ def run(cfg: DubJob) -> int:
     base = None if storage.is_s3(cfg.manifest) else os.path.dirname(_absolute(cfg.manifest))
     env = {"runtime_env": {"env_vars": storage.s3_env(cfg.storage)}}
     manifest = read_manifest(cfg.manifest, cfg.storage, env["runtime_env"])
+    check_manifest(manifest, output, base)
     n_items = manifest.count()
     segments = manifest.map_batches(
         prepare_segments, batch_size=4, concurrency=cfg.dub.prepare_concurrency,

@@ -138,6 +138,11 @@ class DubConfig:
     num_threads: int = 0                 # torch intra-op threads per worker; 0: torch default
     prepare_concurrency: int = 2         # Ray Data tasks decoding items / encoding outputs
     max_audio_s: float = 600.0           # longer audio fails the item with a reason
+    # An identity image is refused from its header above this many pixels;
+    # an identity video is decoded only up to its frame, at most this one.
+    max_image_pixels: int = 40_000_000
+    max_identity_frame: int = 1500       # 60 s at 25 fps
+    overwrite: bool = False              # (dheads dub) regenerate outputs that exist instead of skipping
     # CPU only: the UNet under bf16 autocast (1.5-2x faster on AVX512-BF16
     # cores; for models trained with trainer.cpu_bf16 it is what they saw);
     # None: where the CPU supports it (model/precision.py).
@@ -159,16 +164,31 @@ class AutoscalingConfig:
 class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
-    token: Optional[str] = None          # else env DHEADS_API_TOKEN
+    token: Optional[str] = None          # else env DHEADS_API_TOKEN (tenant "default")
+    # `tenant: token` lines, one per tenant (e.g. a mounted Secret); jobs are
+    # visible only to their tenant. Tokens: at least 32 characters.
+    tokens_file: Optional[str] = None
+    # `{tenant}` in a prefix is the caller's tenant. The job store and the
+    # uploads folder are never allowed, whatever this says.
     allowed_uris: List[str] = field(default_factory=lambda: ["runs/"])
+    # A local directory (SQLite, WAL: one node) or a postgresql:// URL (several
+    # ingresses / nodes; the URL may also come from env DHEADS_JOB_STORE_URL).
     job_store: str = "runs/jobstore"
+    upload_dir: Optional[str] = None     # uploaded inputs; default <job_store>/uploads (local)
     max_items_per_job: int = 64
+    max_body_kb: float = 1024.0          # JSON job body; counted while it streams in
     max_audio_s: float = 120.0
-    max_upload_mb: float = 50.0
+    max_upload_mb: float = 50.0          # both files of a multipart job, counted while streaming
+    lease_s: float = 30.0                # an ingress holds an item this long between renewals
+    max_attempts: int = 3                # claims of an item before it fails with its last error
+    poll_s: float = 1.0                  # how often an ingress renews leases and claims items
+    job_ttl_s: float = 604800.0          # a finished job is deleted this long after (7 days)
+    upload_ttl_s: float = 86400.0        # uploaded files are deleted this long after upload
     output_dir: str = "runs/dubbed"      # default output prefix for uploads / items without one
     max_batch_size: int = 16             # @serve.batch admission batch
     batch_wait_timeout_s: float = 0.01     # late segments join the slot pool anyway
-    item_concurrency: int = 8            # items of all jobs prepared/stitched at once by the ingress
+    item_concurrency: int = 8            # items of all jobs prepared/stitched at once by one ingress
+    ingress_replicas: int = 1            # ingresses sharing the job store (leases keep them apart)
     segment_retries: int = 3             # re-sends of a segment whose replica died
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
 

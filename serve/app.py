@@ -5,7 +5,9 @@ replica: it owns the running jobs) to the `DubbingModel` deployment
 (autoscaled model replicas). Decoding and encoding run in Ray tasks the
 ingress starts (`serve/runner.py`), not in either deployment. `run(cfg)`
 starts Serve bound to `serve.host:serve.port` (127.0.0.1 unless configured)
-and deploys the app. Nothing runs at import.
+and deploys the app. Jobs live in `serve.job_store` (SQLite in a local
+directory, or PostgreSQL by URL, also from env DHEADS_JOB_STORE_URL);
+several ingress replicas can share it. Nothing runs at import.
 """
 from __future__ import annotations
 
@@ -16,13 +18,35 @@ from dheads.platform.config import ConfigError, ServeJob
 
 APP_NAME = "dheads"
 TOKEN_ENV = "DHEADS_API_TOKEN"
+JOB_STORE_ENV = "DHEADS_JOB_STORE_URL"   # a postgresql:// URL with its password, from a Secret
 
 
-def api_token(cfg: ServeJob) -> str:
-    token = os.environ.get(TOKEN_ENV) or cfg.serve.token
-    if not token:
-        raise ConfigError(f"no API token: set {TOKEN_ENV} or serve.token (the service never runs open)")
-    return token
+def api_tokens(cfg: ServeJob) -> dict[str, str]:
+    """{tenant: token}: `serve.tokens_file`, else the one token of
+    DHEADS_API_TOKEN / serve.token as tenant `default`. Short tokens are refused."""
+    from dheads.serve.security import load_tokens
+
+    return load_tokens(cfg.serve.tokens_file, os.environ.get(TOKEN_ENV) or cfg.serve.token,
+                       f"{TOKEN_ENV} or serve.token")
+
+
+def _state(s):
+    """The job store and uploads folder, checked and made absolute."""
+    from dheads.serve.jobstore import is_postgres
+
+    job_store = os.environ.get(JOB_STORE_ENV) or s.job_store
+    if storage.is_s3(job_store):
+        raise ConfigError(f"serve.job_store {job_store}: an object store cannot hold leases; use a local "
+                          "directory (SQLite) or a postgresql:// URL")
+    if not is_postgres(job_store):
+        job_store = _absolute(job_store)
+    upload_dir = s.upload_dir
+    if upload_dir is None:
+        if is_postgres(job_store):
+            raise ConfigError("serve.upload_dir is required with a PostgreSQL job store "
+                              "(an s3:// prefix every node can read)")
+        upload_dir = os.path.join(job_store, "uploads")
+    return job_store, _absolute(upload_dir)
 
 
 def _absolute(uri: str) -> str:
@@ -30,20 +54,25 @@ def _absolute(uri: str) -> str:
     return uri if storage.is_s3(uri) else os.path.abspath(os.path.expanduser(uri))
 
 
-def build_app(cfg: ServeJob, token: str | None = None):
+def build_app(cfg: ServeJob, tokens: dict[str, str] | None = None):
     """ServeJob -> a bound Serve application (ingress -> model)."""
     import dataclasses
 
     from dheads.platform.checkpointing import fetch_model_checkpoint
     from dheads.serve.ingress import DubbingAPI
     from dheads.serve.model import MAX_CONCURRENT_BATCHES, DubbingModel
+    from dheads.serve.security import UriPolicy
 
-    token = token or api_token(cfg)
+    tokens = tokens or api_tokens(cfg)
     fetch_model_checkpoint(_absolute(cfg.checkpoint), cfg.storage)  # a clear error now, not in a replica
     s = cfg.serve
+    job_store, upload_dir = _state(s)
     serve_cfg = dataclasses.replace(
-        s, allowed_uris=[_absolute(u) for u in s.allowed_uris], job_store=_absolute(s.job_store),
+        s, allowed_uris=[_absolute(u) for u in s.allowed_uris], job_store=job_store, upload_dir=upload_dir,
         output_dir=_absolute(s.output_dir))
+    # an allow-list inside the service's state is refused now (the state itself is always carved out)
+    UriPolicy(serve_cfg.allowed_uris, [p for p in (job_store, upload_dir) if "://" not in p or
+                                       storage.is_s3(p)])
     dub = dataclasses.replace(cfg.dub, max_audio_s=min(cfg.dub.max_audio_s, s.max_audio_s))
     cfg = dataclasses.replace(cfg, checkpoint=_absolute(cfg.checkpoint), serve=serve_cfg, dub=dub)
     env = {"runtime_env": {"env_vars": storage.s3_env(cfg.storage)}}
@@ -55,8 +84,8 @@ def build_app(cfg: ServeJob, token: str | None = None):
         ray_actor_options={"num_cpus": cfg.dub.cpus_per_worker,
                            "num_gpus": 1 if cfg.dub.use_gpu else 0, **env},
     ).bind(cfg)
-    return DubbingAPI.options(num_replicas=1, ray_actor_options={"num_cpus": 0.1, **env}) \
-        .bind(model, cfg, token)
+    return DubbingAPI.options(num_replicas=s.ingress_replicas, ray_actor_options={"num_cpus": 0.1, **env}) \
+        .bind(model, cfg, tokens)
 
 
 def run(cfg: ServeJob) -> int:

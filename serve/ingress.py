@@ -1,16 +1,37 @@
 """HTTP ingress of the dubbing service (FastAPI through `serve.ingress`).
 
-    POST   /v1/jobs                 JSON `{"items": [...]}` (or a bare list) of URIs,
-                                    or multipart: one item with uploaded files
+    POST   /v1/jobs                 JSON `{"items": [...], "seed": 0, "overwrite": false}`
+                                    (or a bare list) of URIs, or multipart: one item
+                                    with uploaded files
     GET    /v1/jobs/{id}            status, per-item progress and errors
     GET    /v1/jobs/{id}/results    output URI / seconds / reason per item
     DELETE /v1/jobs/{id}            cancel
     GET    /healthz, /metrics       liveness; Prometheus text
     GET    /docs, /openapi.json     OpenAPI
 
-`/v1/*` needs `Authorization: Bearer <token>` (401). Every URI must be under
-an allowed prefix (403). Too many items or too large an upload: 413; audio
-over the length limit or a malformed request: 422. Each error has a `detail`.
+`/v1/*` needs `Authorization: Bearer <token>` (scheme in any case; 401); a
+job is visible only to the tenant whose token submitted it (404 for others).
+
+What a request may cost is bounded while it streams in (`serve/limits.py`),
+each refusal naming its limit:
+
+- 413: a JSON body over `serve.max_body_kb` or with more than
+  `serve.max_items_per_job` items (counted before parsing); uploads over
+  `serve.max_upload_mb` (counted while written to disk); an identity image
+  over `dub.max_image_pixels` (from its header);
+- 422: malformed requests; audio over `serve.max_audio_s` (from its header;
+  decoding stops there anyway); `identity_frame` over `dub.max_identity_frame`;
+  duplicate item ids or outputs; an output that is one of the job's inputs;
+- 403: a URI outside `serve.allowed_uris`, or inside the service's own state
+  (the job store, the uploads folder), whatever the allow-list says;
+- 409: an output that exists already (not written by this job), unless the
+  job says `overwrite: true`; or one that an unfinished job will write.
+
+The per-item checks (image pixels, audio seconds, identity frame) fail the
+request only when no item of the job passes them; otherwise the job is
+accepted and those items are failed at once with their reason. Every other
+bad input fails its own item when it runs, with a reason; the rest of the
+job completes.
 """
 # no `from __future__ import annotations`: FastAPI must see real types on the
 # methods `serve.ingress` re-binds.
@@ -21,7 +42,6 @@ import re
 from pathlib import Path
 from typing import Optional
 
-import av
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, Field, ValidationError, field_validator
@@ -29,12 +49,13 @@ from ray import serve
 
 from dheads.platform import storage
 from dheads.platform.config import ServeJob
-from dheads.platform.dubbing.items import DubItem, DubResult
+from dheads.platform.dubbing.items import DubItem, DubResult, ItemError, ItemStatus, check_job_items
 from dheads.platform.media import AUDIO_EXTS, IMAGE_EXTS, VIDEO_EXTS
+from dheads.serve import limits
 from dheads.serve.jobstore import ItemRecord, JobRecord, JobStore
 from dheads.serve.metrics import CONTENT_TYPE, ServeMetrics
 from dheads.serve.runner import JobRunner
-from dheads.serve.security import UriForbidden, UriPolicy, token_matches
+from dheads.serve.security import UriForbidden, UriPolicy, tenant_of
 
 ITEM_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # item ids name output files
 
@@ -46,6 +67,7 @@ def _matches(pattern: str, s: str) -> bool:
 class JobIn(BaseModel):
     items: list[DubItem] = Field(min_length=1)
     seed: int = 0
+    overwrite: bool = Field(False, description="replace outputs that exist already")
 
     @field_validator("items")
     @classmethod
@@ -60,6 +82,8 @@ class JobAccepted(BaseModel):
     job_id: str
     status: str
     items: int
+    segments_stopped: Optional[int] = None   # (cancel) segments dropped from the model replicas
+    steps_waited: Optional[int] = None       # (cancel) denoising steps they ran before the drop (<= 1)
 
 
 class ItemProgress(BaseModel):
@@ -67,6 +91,7 @@ class ItemProgress(BaseModel):
     status: str
     segments_done: int
     segments_total: int
+    attempts: int
     reason: Optional[str]
 
 
@@ -92,12 +117,13 @@ _JOB_BODY = {"requestBody": {"required": True, "content": {
         "identity": {"type": "string", "format": "binary"},
         "audio": {"type": "string", "format": "binary"},
         "output": {"type": "string"}, "item_id": {"type": "string"},
-        "identity_frame": {"type": "integer"}, "seed": {"type": "integer"}}}}}}}
+        "identity_frame": {"type": "integer"}, "seed": {"type": "integer"},
+        "overwrite": {"type": "boolean"}}}}}}}
 
 api = FastAPI(title="dheads dubbing", version="1",
               description="Dub talking-head videos with Diffused Heads: submit jobs, poll, fetch results.")
 # documents the scheme in OpenAPI; the check itself is `DubbingAPI._authorize`
-bearer = HTTPBearer(auto_error=False, description="API token (env DHEADS_API_TOKEN or serve.token)")
+bearer = HTTPBearer(auto_error=False, description="API token (one per tenant: serve.tokens_file)")
 
 
 def _fail(status: int, detail: str) -> HTTPException:
@@ -106,8 +132,8 @@ def _fail(status: int, detail: str) -> HTTPException:
 
 # Helpers sit above the deployment: `serve.ingress` serialises the class when
 # it is decorated, so names defined below it would be missing in the replica.
-def _form_int(form, name: str) -> Optional[int]:
-    value = form.get(name)
+def _form_int(fields: dict, name: str) -> Optional[int]:
+    value = fields.get(name)
     if value in (None, ""):
         return None
     try:
@@ -119,62 +145,59 @@ def _form_int(form, name: str) -> Optional[int]:
     return number
 
 
-def _check_unique(job: JobRecord) -> None:
-    for field in ("item_id", "output"):
-        values = [getattr(i, field) for i in job.items]
-        if len(set(values)) != len(values):
-            raise _fail(422, f"duplicate {field} in the job's items")
-
-
-def _duration_s(uri: str, cfg: ServeJob) -> Optional[float]:
-    """Audio duration from the container header (reads only what PyAV needs);
-    None when unknown or unreadable (the item then fails with a reason later)."""
-    try:
-        fs, path = storage.resolve(uri, cfg.storage)
-        with fs.open_input_file(path) as f, av.open(f) as c:
-            if not c.streams.audio:
-                return None
-            a = c.streams.audio[0]
-            if a.duration is not None and a.time_base is not None:
-                return float(a.duration * a.time_base)
-            return c.duration / 1e6 if c.duration else None
-    except Exception:  # noqa: BLE001 - any failure here is reported when the item runs
-        return None
+def _media_problem(item: ItemRecord, cfg: ServeJob) -> Optional[tuple[int, str]]:
+    """(status, reason) when the item's headers break a limit; None otherwise
+    (or when a header cannot be read: the item then fails when it runs)."""
+    d = cfg.dub
+    if Path(item.identity).suffix.lower() in IMAGE_EXTS:
+        size = limits.image_header(item.identity, cfg.storage)
+        if size is not None and size[0] * size[1] > d.max_image_pixels:
+            w, h = size
+            return 413, (f"identity image is {w}x{h} = {w * h / 1e6:.0f} MP, over the limit of "
+                         f"{d.max_image_pixels / 1e6:g} MP (dub.max_image_pixels; read from the header)")
+    else:
+        frame = d.identity_frame if item.identity_frame is None else item.identity_frame
+        if frame > d.max_identity_frame:
+            return 422, f"identity_frame {frame} is over the limit of {d.max_identity_frame} (dub.max_identity_frame)"
+    seconds = limits.audio_seconds(item.audio, cfg.storage)
+    if seconds is not None and seconds > cfg.serve.max_audio_s:
+        return 422, f"audio is {seconds:.1f} s, over the limit of {cfg.serve.max_audio_s:g} s (serve.max_audio_s)"
+    return None
 
 
 @serve.deployment
 @serve.ingress(api)
 class DubbingAPI:
-    async def __init__(self, model, cfg: ServeJob, token: str):
-        self.cfg, self.token = cfg, token
-        self.policy = UriPolicy(cfg.serve.allowed_uris)
+    async def __init__(self, model, cfg: ServeJob, tokens: dict):
+        s = cfg.serve
+        self.cfg, self.tokens = cfg, dict(tokens)
+        self.store = JobStore(s.job_store, lease_s=s.lease_s, max_attempts=s.max_attempts)
+        self.upload_dir = s.upload_dir
+        state = [p for p in (self.store.location, self.upload_dir) if p]
+        self.policy = UriPolicy(s.allowed_uris, state)
         self.metrics = ServeMetrics()
-        self.store = JobStore(cfg.serve.job_store, cfg.storage)
         self.runner = JobRunner(cfg, model, self.store, self.metrics)
-        await self.runner.resume()
+        self.runner.start()
 
     # ------------------------------------------------------------- helpers
-    def _authorize(self, request: Request) -> None:
-        if not token_matches(request.headers.get("authorization"), self.token):
+    def _authorize(self, request: Request) -> str:
+        tenant = tenant_of(request.headers.get("authorization"), self.tokens)
+        if tenant is None:
             raise HTTPException(401, "missing or wrong bearer token",
                                 headers={"WWW-Authenticate": "Bearer"})
+        return tenant
 
-    def _allowed(self, uri: str) -> str:
+    def _allowed(self, uri: str, tenant: str) -> str:
         try:
-            return self.policy.check(uri)
+            return self.policy.check(uri, tenant)
         except UriForbidden as e:
             raise _fail(403, str(e)) from e
 
-    async def _check_audio_length(self, uri: str) -> None:
-        """422 when the container says the audio is longer than allowed
-        (unknown durations are checked again when the item is decoded)."""
-        seconds = await asyncio.to_thread(_duration_s, uri, self.cfg)
-        limit = self.cfg.serve.max_audio_s
-        if seconds is not None and seconds > limit:
-            raise _fail(422, f"audio {uri} is {seconds:.1f} s, over the limit of {limit:g} s")
-
-    async def _job(self, job_id: str) -> JobRecord:
-        job = await self.runner.get(job_id)
+    async def _job(self, job_id: str, tenant: str) -> JobRecord:
+        try:
+            job = await self.runner.get(job_id, tenant)
+        except ValidationError as e:
+            raise _fail(500, f"job {job_id}: its record is corrupt ({e.error_count()} errors)") from e
         if job is None:
             raise _fail(404, f"no job {job_id}")
         return job
@@ -182,7 +205,7 @@ class DubbingAPI:
     # ------------------------------------------------------------ endpoints
     @api.get("/healthz", summary="Liveness")
     async def healthz(self) -> dict:
-        return {"status": "ok", "jobs_running": len(self.runner.tasks)}
+        return {"status": "ok", "items_running": len(self.runner.tasks)}
 
     @api.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def metrics(self) -> Response:
@@ -192,105 +215,158 @@ class DubbingAPI:
               summary="Submit a dubbing job (JSON list of URIs, or one item as multipart uploads)",
               dependencies=[Depends(bearer)])
     async def submit(self, request: Request) -> JobAccepted:
-        self._authorize(request)
-        limit = int(self.cfg.serve.max_upload_mb * 1024 * 1024)
+        tenant = self._authorize(request)
+        s = self.cfg.serve
+        upload_limit = int(s.max_upload_mb * 1024 * 1024)
+        multipart = request.headers.get("content-type", "").startswith("multipart/form-data")
         declared = request.headers.get("content-length")
+        limit = upload_limit + 64 * 1024 if multipart else int(s.max_body_kb * 1024)
         if declared and declared.isdigit() and int(declared) > limit:
             raise _fail(413, f"request is {int(declared)} bytes, over the limit of {limit} bytes")
-        if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            job = await self._from_upload(request, limit)
+        if multipart:
+            job = await self._from_upload(request, tenant, upload_limit)
         else:
-            job = await self._from_json(request)
+            job = await self._from_json(request, tenant)
         await self.runner.submit(job)
         return JobAccepted(job_id=job.job_id, status=job.status.value, items=len(job.items))
 
     @api.get("/v1/jobs/{job_id}", response_model=JobView, summary="Job status and per-item progress",
              dependencies=[Depends(bearer)])
     async def status(self, job_id: str, request: Request) -> JobView:
-        self._authorize(request)
-        job = await self._job(job_id)
+        job = await self._job(job_id, self._authorize(request))
         return JobView(job_id=job.job_id, status=job.status.value, created_at=job.created_at,
                        updated_at=job.updated_at, counts=job.counts(),
                        items=[ItemProgress(item_id=i.item_id, status=i.status.value,
-                                           segments_done=i.segments_done,
-                                           segments_total=i.segments_total, reason=i.reason)
+                                           segments_done=i.segments_done, segments_total=i.segments_total,
+                                           attempts=i.attempts, reason=i.reason)
                               for i in job.items])
 
     @api.get("/v1/jobs/{job_id}/results", response_model=JobResults, summary="Per-item outputs",
              dependencies=[Depends(bearer)])
     async def results(self, job_id: str, request: Request) -> JobResults:
-        self._authorize(request)
-        job = await self._job(job_id)
+        job = await self._job(job_id, self._authorize(request))
         return JobResults(job_id=job.job_id, status=job.status.value,
                           results=[i.result() for i in job.items])
 
     @api.delete("/v1/jobs/{job_id}", response_model=JobAccepted, summary="Cancel a job",
-             dependencies=[Depends(bearer)])
+                dependencies=[Depends(bearer)])
     async def cancel(self, job_id: str, request: Request) -> JobAccepted:
-        self._authorize(request)
-        job = await self.runner.cancel(job_id)
+        tenant = self._authorize(request)
+        await self._job(job_id, tenant)
+        job, reports = await self.runner.cancel(job_id, tenant)
         if job is None:
             raise _fail(404, f"no job {job_id}")
-        return JobAccepted(job_id=job.job_id, status=job.status.value, items=len(job.items))
+        reports = [r for r in reports if isinstance(r, dict)]
+        return JobAccepted(job_id=job.job_id, status=job.status.value, items=len(job.items),
+                           segments_stopped=sum(r["cancelled"] for r in reports),
+                           steps_waited=max((r["steps_waited"] for r in reports), default=0))
 
     # ------------------------------------------------------------- parsing
-    async def _from_json(self, request: Request) -> JobRecord:
+    async def _from_json(self, request: Request, tenant: str) -> JobRecord:
+        s = self.cfg.serve
         try:
-            body = await request.json()
+            raw = await limits.read_json_job(request.stream(), int(s.max_body_kb * 1024), s.max_items_per_job)
+        except limits.BodyTooLarge as e:
+            raise _fail(413, str(e)) from e
+        try:
+            body = json.loads(raw)
             if isinstance(body, list):
                 body = {"items": body}
+            if isinstance(body, dict) and len(body.get("items") or []) > s.max_items_per_job:
+                raise _fail(413, f"{len(body['items'])} items, over the limit of {s.max_items_per_job} per job")
             spec = JobIn.model_validate(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise _fail(422, f"body is not JSON: {e}") from e
         except ValidationError as e:
             raise _fail(422, f"invalid job: {e.errors(include_url=False, include_context=False)}") from e
-        if len(spec.items) > self.cfg.serve.max_items_per_job:
-            raise _fail(413, f"{len(spec.items)} items, over the limit of "
-                             f"{self.cfg.serve.max_items_per_job} per job")
-        job = JobRecord(items=[], seed=spec.seed)
-        out_dir = storage.join(self.cfg.serve.output_dir, job.job_id)
+        job = JobRecord(items=[], seed=spec.seed, overwrite=spec.overwrite, tenant=tenant)
+        out_dir = storage.join(s.output_dir.replace("{tenant}", tenant), job.job_id)
         for n, it in enumerate(spec.items):
             it = it.with_defaults(f"item{n:04d}", out_dir)
             job.items.append(ItemRecord(**it.model_dump(exclude={"identity", "audio", "output"}),
-                                        identity=self._allowed(it.identity),
-                                        audio=self._allowed(it.audio), output=self._allowed(it.output)))
-        _check_unique(job)
-        await asyncio.gather(*(self._check_audio_length(i.audio) for i in job.items))
+                                        identity=self._allowed(it.identity, tenant),
+                                        audio=self._allowed(it.audio, tenant),
+                                        output=self._allowed(it.output, tenant)))
+        await self._check_items(job)
         return job
 
-    async def _from_upload(self, request: Request, limit: int) -> JobRecord:
-        form = await request.form(max_files=2, max_fields=8)
-        files = {k: form.get(k) for k in ("identity", "audio")}
-        if any(not hasattr(f, "read") for f in files.values()):
+    async def _check_items(self, job: JobRecord) -> None:
+        """Job-level refusals (422 / 409), then the per-item header checks."""
+        try:
+            check_job_items(job.items)
+        except ItemError as e:
+            raise _fail(422, str(e)) from e
+        outputs = [i.output for i in job.items]
+        if not job.overwrite:
+            exists = await asyncio.gather(*(asyncio.to_thread(storage.exists, o, self.cfg.storage)
+                                            for o in outputs))
+            found = [o for o, e in zip(outputs, exists) if e]
+            if found:
+                raise _fail(409, f"output {found[0]} exists already and was not written by this job "
+                                 f"({len(found)} such outputs); submit with overwrite: true to replace them")
+        busy = await asyncio.to_thread(self.store.outputs_in_use, outputs)
+        if busy:
+            raise _fail(409, f"output {sorted(busy)[0]} is being written by another unfinished job")
+        problems = await asyncio.gather(*(asyncio.to_thread(_media_problem, i, self.cfg) for i in job.items))
+        if all(problems):
+            status, reason = problems[0]
+            raise _fail(status, reason if len(job.items) == 1 else f"no item can run; item 0: {reason}")
+        for item, problem in zip(job.items, problems):
+            if problem:
+                item.status, item.reason = ItemStatus.failed, problem[1]
+
+    async def _from_upload(self, request: Request, tenant: str, limit: int) -> JobRecord:
+        try:
+            parts = await limits.read_uploads(request.stream(), request.headers["content-type"], limit)
+        except limits.BodyTooLarge as e:
+            raise _fail(413, str(e)) from e
+        except limits.BadBody as e:
+            raise _fail(422, str(e)) from e
+        try:
+            return await self._upload_job(parts, tenant)
+        finally:
+            parts.cleanup()
+
+    async def _upload_job(self, parts: "limits.Uploads", tenant: str) -> JobRecord:
+        s, fields = self.cfg.serve, parts.fields
+        if set(parts.files) != {"identity", "audio"}:
             raise _fail(422, "multipart jobs need two files: 'identity' and 'audio'")
-        job = JobRecord(items=[], seed=_form_int(form, "seed") or 0)
-        item_id = str(form.get("item_id") or "item0000")
+        overwrite = str(fields.get("overwrite", "")).lower() in ("1", "true", "yes")
+        job = JobRecord(items=[], seed=_form_int(fields, "seed") or 0, overwrite=overwrite, tenant=tenant)
+        item_id = str(fields.get("item_id") or "item0000")
         if not _matches(ITEM_ID, item_id):
             raise _fail(422, f"invalid item_id {item_id!r}")
-        output = self._allowed(str(form.get("output") or storage.join(
-            self.cfg.serve.output_dir, job.job_id, f"{item_id}.mp4")))
-        identity_frame = _form_int(form, "identity_frame")
-        data, total = {}, 0
-        for name, f in files.items():
-            suffix = Path(f.filename or "").suffix.lower()
+        output = self._allowed(str(fields.get("output") or storage.join(
+            s.output_dir.replace("{tenant}", tenant), job.job_id, f"{item_id}.mp4")), tenant)
+        for name, up in parts.files.items():
+            suffix = Path(up.filename).suffix.lower()
             if suffix not in (IMAGE_EXTS + VIDEO_EXTS if name == "identity" else AUDIO_EXTS + VIDEO_EXTS):
                 raise _fail(422, f"{name}: unsupported file type {suffix or '(none)'!r}")
-            data[name] = (suffix, await f.read())
-            total += len(data[name][1])
-            if total > limit:
-                raise _fail(413, f"uploads exceed the limit of {limit} bytes")
-        uploads = self.store.uploads(job.job_id)
-        uris = {name: storage.join(uploads, f"{name}{suffix}") for name, (suffix, _) in data.items()}
-        for name, (_, blob) in data.items():
-            await asyncio.to_thread(storage.write_bytes, uris[name], blob, self.cfg.storage)
-        job.items.append(ItemRecord(item_id=item_id, identity=uris["identity"], audio=uris["audio"],
-                                    output=output, identity_frame=identity_frame))
+        job.uploads = storage.join(self.upload_dir, job.job_id)
+        local = ItemRecord(item_id=item_id, identity=parts.files["identity"].path,
+                           audio=parts.files["audio"].path, output=output,
+                           identity_frame=_form_int(fields, "identity_frame"))
+        problem = await asyncio.to_thread(_media_problem, local, self.cfg)   # checked before storing
+        if problem:
+            raise _fail(*problem)
+        uris = {name: storage.join(job.uploads, Path(up.path).name) for name, up in parts.files.items()}
+        for name, up in parts.files.items():
+            await asyncio.to_thread(limits.store_upload, up.path, uris[name], self.cfg.storage)
+        job.items.append(local.model_copy(update={"identity": uris["identity"], "audio": uris["audio"]}))
         try:
-            await self._check_audio_length(uris["audio"])
+            await self._check_items(job)
         except HTTPException:
-            await asyncio.to_thread(storage.delete, uploads, self.cfg.storage)
+            await asyncio.to_thread(storage.delete, job.uploads, self.cfg.storage)
             raise
         return job
+
+    def __del__(self):
+        runner = getattr(self, "runner", None)
+        if runner is not None:
+            try:
+                runner.store.release_all(runner.owner)
+            except Exception:  # noqa: BLE001 - the leases then expire on their own
+                pass
 
 
 __all__ = ["api", "DubbingAPI", "JobIn"]

@@ -53,6 +53,17 @@ class DubbingModel:
                 batch_sizes = {}
         return out
 
+    async def cancel(self, prefix: str) -> dict:
+        """Drop this replica's segments whose `item_id` starts with `prefix`
+        (the runner names them `<job_id>/<item>`) before its next denoising
+        step: `{"cancelled": n, "steps_waited": 0 or 1, "replica": id}`."""
+        out = await asyncio.wrap_future(self.batcher.cancel(prefix))
+        return {**out, "replica": serve.get_replica_context().replica_id.unique_id}
+
+    def active_items(self) -> list[str]:
+        """`item_id`s with a segment queued or generating on this replica."""
+        return sorted(self.batcher.active_items())
+
     def info(self) -> dict:
         """Replica identity (for operators and tests) and engine statistics."""
         import ray

@@ -1,19 +1,31 @@
-"""Runs dubbing jobs for the ingress: orchestration only.
+"""Runs dubbing items for an ingress: orchestration only, through the job store.
 
-Per item: a Ray task decodes and segments it (`prepare_item`), every segment
-goes to the `DubbingModel` deployment (Serve routes them across replicas; a
-segment whose replica died is sent again), a second Ray task stitches,
-encodes and writes the mp4 atomically (`finish_item`), and the job is
-persisted. The media tasks declare their CPUs (`MEDIA_TASK`), so the
-ingress replica itself only awaits. Items of all jobs share
-`item_concurrency` slots. An item whose output already exists and that the
-store marks succeeded is never redone; one whose output exists but was not
-yet recorded (a restart between the write and the save) is recorded, not
-regenerated: every output is written once.
+An ingress never owns a job: it claims items from the store (`JobStore.claim`
+sets a lease in its name), renews its leases every `serve.poll_s`, and runs
+each claimed item: a Ray task decodes and segments it (`prepare_item`), every
+segment goes to the `DubbingModel` deployment (Serve routes them across
+replicas; a segment whose replica died is sent again), a second Ray task
+stitches, encodes and writes the mp4 atomically (`finish_item`). Several
+ingresses may share one store; one that dies leaves leases that expire, and
+the others take its items over. The media tasks declare their CPUs
+(`MEDIA_TASK`) and are not retried by Ray: a worker crash comes back here,
+counts as an attempt, and the item fails after `serve.max_attempts`.
+
+Outputs are written once: an item whose output exists is recorded as done
+only when an earlier attempt of this job reached the write (the store's
+`wrote` mark) and the job does not overwrite; an output that appeared from
+elsewhere fails the item (or is replaced with `overwrite: true`).
+
+Cancel: the store marks the job and its open items cancelled (for good), the
+item tasks here stop, and every model replica drops the job's segments
+before its next denoising step (`DubbingModel.cancel`, a broadcast). Another
+ingress running items of the job sees at its next renewal that it no longer
+holds them and stops them the same way.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import Optional
@@ -24,11 +36,9 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 
 from dheads.platform import storage
 from dheads.platform.config import ServeJob
-from dheads.platform.dubbing.items import (
-    FINAL_STATUSES, ItemError, ItemStatus, PreparedItem, finish_item, prepare_item,
-)
+from dheads.platform.dubbing.items import ItemError, ItemStatus, PreparedItem, finish_item, prepare_item
 from dheads.platform.dubbing.segments import Segment
-from dheads.serve.jobstore import FINAL_JOB, ItemRecord, JobRecord, JobStatus, JobStore
+from dheads.serve.jobstore import Claim, JobRecord, JobStatus, JobStore, new_owner
 from dheads.serve.metrics import ServeMetrics
 
 log = logging.getLogger("ray.serve")
@@ -37,8 +47,9 @@ log = logging.getLogger("ray.serve")
 REPLICA_LOST = (ActorDiedError, ActorUnavailableError, RayActorError)
 
 # Ray resources of one decode or encode task: PyAV decoding, the face crop and
-# the H.264 encode keep about one core busy.
-MEDIA_TASK = {"num_cpus": 1.0}
+# the H.264 encode keep about one core busy. No Ray-level retries: the store
+# counts attempts.
+MEDIA_TASK = {"num_cpus": 1.0, "max_retries": 0}
 
 
 def _finish(prepared: PreparedItem, frames: list[np.ndarray], storage_cfg) -> float:
@@ -55,56 +66,62 @@ async def _unwrap(ref: ray.ObjectRef):
     try:
         return await ref
     except RayTaskError as e:
-        if isinstance(e.cause, Exception):
+        if isinstance(e.cause, ItemError):
             raise e.cause from None
         raise
+
+
+def segment_prefix(job_id: str) -> str:
+    return f"{job_id}/"
 
 
 class JobRunner:
     def __init__(self, cfg: ServeJob, model, store: JobStore, metrics: ServeMetrics):
         self.cfg, self.model, self.store, self.metrics = cfg, model, store, metrics
-        self.jobs: dict[str, JobRecord] = {}
-        self.tasks: dict[str, asyncio.Task] = {}
-        self.item_slots = asyncio.Semaphore(cfg.serve.item_concurrency)
+        self.owner = new_owner()
+        self.tasks: dict[tuple[str, int], asyncio.Task] = {}
         self.in_flight = 0
         self._image_size: Optional[int] = None
-        self._save_locks: dict[str, asyncio.Lock] = {}
+        self._wake = asyncio.Event()
+        self._loop_task: Optional[asyncio.Task] = None
+        self._last_sweep = 0.0
 
     # ------------------------------------------------------------ lifecycle
-    async def resume(self) -> int:
-        """Reload unfinished jobs from the store and run them again."""
-        jobs = await asyncio.to_thread(self.store.unfinished)
-        for job in jobs:
-            self.start(job)
-        return len(jobs)
+    def start(self) -> None:
+        """Start claiming items (unfinished jobs in the store included)."""
+        self._loop_task = asyncio.create_task(self._poll_loop())
+
+    async def stop(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        for task in list(self.tasks.values()):
+            task.cancel()
 
     async def submit(self, job: JobRecord) -> None:
-        await asyncio.to_thread(self.store.save, job)
+        await asyncio.to_thread(self.store.create, job)
         self.metrics.jobs_submitted.inc()
-        self.start(job)
+        self._wake.set()
 
-    def start(self, job: JobRecord) -> None:
-        self.jobs[job.job_id] = job
-        self.tasks[job.job_id] = asyncio.create_task(self._run_job(job))
+    async def get(self, job_id: str, tenant: Optional[str]) -> Optional[JobRecord]:
+        return await asyncio.to_thread(self.store.load, job_id, tenant)
 
-    async def get(self, job_id: str) -> Optional[JobRecord]:
-        if job_id in self.jobs:
-            return self.jobs[job_id]
-        return await asyncio.to_thread(self.store.load, job_id)
+    async def cancel(self, job_id: str, tenant: Optional[str]) -> tuple[Optional[JobRecord], list[dict]]:
+        """Cancel in the store (final), stop this ingress's items of the job and
+        every replica's segments of it. Returns the job and the replicas' reports."""
+        job = await asyncio.to_thread(self.store.cancel, job_id, tenant)
+        if job is None:
+            return None, []
+        return job, await self._stop_job(job_id)
 
-    async def cancel(self, job_id: str) -> Optional[JobRecord]:
-        job = await self.get(job_id)
-        if job is None or job.status in FINAL_JOB:
-            return job
-        job.status = JobStatus.cancelled
-        for item in job.items:
-            if item.status not in FINAL_STATUSES:
-                item.status, item.reason = ItemStatus.cancelled, "job cancelled"
-        task = self.tasks.pop(job_id, None)
-        if task is not None:
-            task.cancel()
-        await self._save(job)
-        return job
+    async def _stop_job(self, job_id: str) -> list[dict]:
+        for key in [k for k in self.tasks if k[0] == job_id]:
+            self.tasks.pop(key).cancel()
+        try:
+            return await self.model.broadcast("cancel", segment_prefix(job_id)).results_async(
+                timeout_s=60, return_exceptions=True)
+        except Exception as e:  # noqa: BLE001 - no replica up: nothing is generating
+            log.warning("cancel broadcast for job %s: %s", job_id, e)
+            return []
 
     async def image_size(self) -> int:
         if self._image_size is None:
@@ -112,63 +129,102 @@ class JobRunner:
             self._image_size = int(info["image_size"])
         return self._image_size
 
-    # ----------------------------------------------------------------- jobs
-    async def _run_job(self, job: JobRecord) -> None:
-        try:
-            pending = [i for i in job.items if i.status not in FINAL_STATUSES]
-            await asyncio.gather(*(self._run_item(job, i) for i in pending))
-            job.settle()
-            await self._save(job)
-            if job.status == JobStatus.succeeded:
-                self.metrics.jobs_finished.inc()
-            elif job.status == JobStatus.failed:
-                self.metrics.jobs_failed.inc()
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # never let a job task die silently
-            log.exception("job %s crashed", job.job_id)
-        finally:
-            self.tasks.pop(job.job_id, None)
-
-    async def _run_item(self, job: JobRecord, rec: ItemRecord) -> None:
-        async with self.item_slots:
-            if job.status == JobStatus.cancelled:
-                return
-            rec.status, rec.attempts = ItemStatus.running, rec.attempts + 1
-            job.settle()
-            await self._save(job)
+    # ---------------------------------------------------------- the loop
+    async def _poll_loop(self) -> None:
+        s = self.cfg.serve
+        while True:
             try:
-                if await asyncio.to_thread(storage.exists, rec.output, self.cfg.storage):
-                    # written by an earlier run that stopped before saving the job
-                    rec.status, rec.reason = ItemStatus.succeeded, None
-                else:
-                    rec.seconds = await self._dub(job, rec)
-                    rec.status, rec.reason = ItemStatus.succeeded, None
-            except ItemError as e:
-                rec.status, rec.reason = ItemStatus.failed, str(e)
+                await self._poll_once()
             except asyncio.CancelledError:
                 raise
-            except Exception as e:
-                log.exception("item %s of job %s failed", rec.item_id, job.job_id)
-                rec.status, rec.reason = ItemStatus.failed, f"{type(e).__name__}: {e}"
-            self.metrics.items.labels(status=rec.status.value).inc()
-            job.settle()
-            await self._save(job)
+            except Exception:  # a store hiccup must not end the loop
+                log.exception("job runner poll failed")
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=s.poll_s)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
 
-    async def _dub(self, job: JobRecord, rec: ItemRecord) -> float:
+    async def _poll_once(self) -> None:
+        s = self.cfg.serve
+        held = await asyncio.to_thread(self.store.renew, self.owner)
+        lost = {k for k in self.tasks if k not in held}
+        for job_id in {k[0] for k in lost}:     # cancelled (or taken over) elsewhere
+            await self._stop_job(job_id)
+        free = s.item_concurrency - len(self.tasks)
+        if free > 0:
+            for claim in await asyncio.to_thread(self.store.claim, self.owner, free):
+                key = (claim.job_id, claim.index)
+                self.tasks[key] = asyncio.create_task(self._run_item(claim))
+        now = time.time()
+        if now - self._last_sweep >= min(60.0, s.upload_ttl_s, s.job_ttl_s):
+            self._last_sweep = now
+            _, uploads = await asyncio.to_thread(self.store.expire, s.job_ttl_s, s.upload_ttl_s)
+            for uri in uploads:
+                await asyncio.to_thread(storage.delete, uri, self.cfg.storage)
+
+    # ----------------------------------------------------------------- items
+    async def _run_item(self, claim: Claim) -> None:
+        key, rec = (claim.job_id, claim.index), claim.item
+        status, reason, seconds = None, None, None
+        try:
+            exists = await asyncio.to_thread(storage.exists, rec.output, self.cfg.storage)
+            if exists and claim.wrote and not claim.overwrite:
+                status = ItemStatus.succeeded      # this job wrote it, then stopped before saving
+            elif exists and not claim.overwrite:
+                status, reason = ItemStatus.failed, (
+                    f"output {rec.output} appeared after the job was submitted and was not written "
+                    "by this job; not overwriting it (submit with overwrite: true to replace it)")
+            else:
+                seconds = await self._dub(claim)
+                status = ItemStatus.succeeded
+        except ItemError as e:
+            status, reason = ItemStatus.failed, str(e)
+        except asyncio.CancelledError:
+            return                                  # cancelled: the store already says so
+        except Exception as e:  # a lost worker or replica: worth another attempt
+            log.warning("item %s of job %s, attempt %d: %s", rec.item_id, claim.job_id, claim.attempt, e)
+            await asyncio.to_thread(self.store.release, self.owner, *key, f"{type(e).__name__}: {e}")
+            self._wake.set()
+            return
+        finally:
+            self.tasks.pop(key, None)
+        job_status = await asyncio.to_thread(self.store.finish, self.owner, *key, status, reason, seconds)
+        if job_status is not None:
+            self.metrics.items.labels(status=status.value).inc()
+        if job_status == JobStatus.succeeded:
+            self.metrics.jobs_finished.inc()
+        elif job_status == JobStatus.failed:
+            self.metrics.jobs_failed.inc()
+        self._wake.set()
+
+    async def _dub(self, claim: Claim) -> float:
+        rec, key = claim.item, (claim.job_id, claim.index)
         size = await self.image_size()
-        item = rec.model_copy()  # the task gets the item as it is now
-        prepared_ref = _prepare_task.options(**MEDIA_TASK).remote(item, self.cfg.dub, size,
-                                                                  self.cfg.storage, job.seed)
+        prepared_ref = _prepare_task.options(**MEDIA_TASK).remote(
+            rec.model_copy(), self.cfg.dub, size, self.cfg.storage, claim.seed)
         prepared: PreparedItem = await _unwrap(prepared_ref)
-        rec.segments_total, rec.segments_done = len(prepared.segments), 0
-        frames = await asyncio.gather(*(self._generate(rec, s) for s in prepared.segments))
+        total = len(prepared.segments)
+        await asyncio.to_thread(self.store.progress, self.owner, *key, total, 0)
+        done = [0]
+
+        async def one(segment: Segment):
+            frames = await self._generate(claim, segment)
+            done[0] += 1
+            await asyncio.to_thread(self.store.progress, self.owner, *key, total, done[0])
+            return frames
+
+        frames = await asyncio.gather(*(one(s) for s in prepared.segments))
+        if not await asyncio.to_thread(self.store.mark_writing, self.owner, *key):
+            raise asyncio.CancelledError()          # cancelled or taken over meanwhile: do not write
         # the task reads the prepared item from the object store, not from here
         return await _unwrap(_finish_task.options(**MEDIA_TASK).remote(prepared_ref, frames,
                                                                         self.cfg.storage))
 
-    async def _generate(self, rec: ItemRecord, segment: Segment):
+    async def _generate(self, claim: Claim, segment: Segment):
         t0 = time.perf_counter()
+        # named <job>/<index> on the replicas, so a cancel can find the job's segments
+        segment = dataclasses.replace(segment, item_id=f"{segment_prefix(claim.job_id)}{claim.index}")
         self.in_flight += 1
         self.metrics.queue_depth.set(self.in_flight)
         try:
@@ -184,7 +240,6 @@ class JobRunner:
         self.metrics.segment_latency.observe(time.perf_counter() - t0)
         self.metrics.segments.inc()
         self.metrics.frames.inc(len(out["frames"]))
-        rec.segments_done += 1
         return out["frames"]
 
     async def _call(self, make_request):
@@ -198,8 +253,3 @@ class JobRunner:
                     raise
                 log.warning("model replica lost; re-sending (attempt %d)", attempt + 1)
                 await asyncio.sleep(min(0.5 * 2 ** attempt, 5.0))  # Serve replaces the replica
-
-    async def _save(self, job: JobRecord) -> None:
-        lock = self._save_locks.setdefault(job.job_id, asyncio.Lock())
-        async with lock:
-            await asyncio.to_thread(self.store.save, job)

@@ -1,19 +1,37 @@
-"""Request security: bearer tokens and the URI allow-list.
+"""Request security: tenants and their bearer tokens, and the URI allow-list.
 
-Every URI a request names (identity, audio, output) must lie under one of
-`ServeConfig.allowed_uris` after normalisation: `..` segments are refused
-outright (no traversal), local paths are made absolute with symlinks
-resolved, and prefixes match whole path components (`s3://b/data` does not
-admit `s3://b/data2/x`).
+Tenants: `serve.tokens_file` holds one `tenant: token` line per tenant (a
+mounted Kubernetes Secret, say); without it the one token of
+`DHEADS_API_TOKEN` / `serve.token` is the tenant `default`. A job belongs to
+the tenant whose token submitted it: other tenants get 404 for it. Tokens
+are compared in constant time (`hmac.compare_digest`, against every token,
+so the time does not say which one nearly matched); the scheme word
+`Bearer` is case-insensitive (RFC 7235); a token shorter than
+`MIN_TOKEN_CHARS` is refused when the service starts.
+
+URIs: every URI a request names (identity, audio, output) must lie under one
+of `ServeConfig.allowed_uris` after normalisation, and never under the
+service's own state (the job store, the uploads folder): `..` segments are
+refused outright, local paths are made absolute with symlinks resolved, and
+prefixes match whole path components (`s3://b/data` does not admit
+`s3://b/data2/x`). `{tenant}` in an allowed prefix is the caller's tenant
+name, for per-tenant storage.
 """
 from __future__ import annotations
 
 import hmac
 import os
 import posixpath
+import re
+from pathlib import Path
 from urllib.parse import urlparse
 
 from dheads.platform import storage
+from dheads.platform.config import ConfigError
+
+MIN_TOKEN_CHARS = 32
+TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+DEFAULT_TENANT = "default"
 
 
 class UriForbidden(PermissionError):
@@ -37,24 +55,101 @@ def normalise(uri: str) -> str:
     return os.path.realpath(os.path.expanduser(uri))
 
 
-def _under(uri: str, prefix: str) -> bool:
+def under(uri: str, prefix: str) -> bool:
     return uri == prefix or uri.startswith(prefix.rstrip("/") + "/")
 
 
 class UriPolicy:
-    def __init__(self, allowed: list[str]):
-        self.allowed = [normalise(a) for a in allowed]
+    """`allowed` prefixes minus `state` (the service's own files)."""
 
-    def check(self, uri: str) -> str:
+    def __init__(self, allowed: list[str], state: list[str] = ()):
+        self.state = [normalise(s) for s in state if s]
+        self.allowed = list(allowed)
+        for a in allowed:
+            norm = normalise(a.replace("{tenant}", DEFAULT_TENANT))
+            inside = [s for s in self.state if under(norm, s)]
+            if inside:
+                raise ConfigError(f"serve.allowed_uris: {a!r} lies inside the service's own state "
+                                  f"({inside[0]}); allow a location outside it")
+
+    def check(self, uri: str, tenant: str = DEFAULT_TENANT) -> str:
         """The normalised URI if allowed, else UriForbidden (→ HTTP 403)."""
         norm = normalise(uri)
-        if not any(_under(norm, a) for a in self.allowed):
+        for s in self.state:
+            if under(norm, s):
+                raise UriForbidden(f"{uri!r} is the service's own state (job store / uploads); "
+                                   "it is never readable or writable through the API")
+        if not any(under(norm, normalise(a.replace("{tenant}", tenant))) for a in self.allowed):
             raise UriForbidden(f"{uri!r} is outside the allowed locations")
         return norm
 
 
+# ---------------------------------------------------------------- tokens
+def _check_token(tenant: str, token: str, where: str) -> None:
+    if len(token) < MIN_TOKEN_CHARS:
+        raise ConfigError(f"{where}: the token of tenant {tenant!r} is {len(token)} characters; "
+                          f"tokens must be at least {MIN_TOKEN_CHARS} (e.g. `openssl rand -base64 32`)")
+
+
+def parse_tokens(text: str, where: str) -> dict[str, str]:
+    """`tenant: token` lines (blank lines and `#` comments ignored) -> {tenant: token}."""
+    tokens: dict[str, str] = {}
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        tenant, sep, token = (part.strip() for part in line.partition(":"))
+        if not sep or not token:
+            raise ConfigError(f"{where} line {n}: expected `tenant: token`")
+        if not TENANT.match(tenant):
+            raise ConfigError(f"{where} line {n}: tenant {tenant!r} must match {TENANT.pattern}")
+        if tenant in tokens:
+            raise ConfigError(f"{where} line {n}: tenant {tenant!r} appears twice")
+        _check_token(tenant, token, f"{where} line {n}")
+        if token in tokens.values():
+            raise ConfigError(f"{where} line {n}: two tenants share one token")
+        tokens[tenant] = token
+    if not tokens:
+        raise ConfigError(f"{where}: no `tenant: token` lines")
+    return tokens
+
+
+def load_tokens(tokens_file: str | None, single: str | None, where: str) -> dict[str, str]:
+    """The tenants' tokens: from `tokens_file`, else `single` as the tenant `default`."""
+    if tokens_file:
+        path = Path(tokens_file).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"serve.tokens_file {tokens_file}: no such file")
+        return parse_tokens(path.read_text(), f"serve.tokens_file {tokens_file}")
+    if not single:
+        raise ConfigError(f"no API token: set {where} or serve.tokens_file (the service never runs open)")
+    _check_token(DEFAULT_TENANT, single, where)
+    return {DEFAULT_TENANT: single}
+
+
+def bearer(header: str | None) -> str | None:
+    """The credentials of `Authorization: Bearer <token>` (scheme case-insensitive)."""
+    if not header:
+        return None
+    scheme, _, credentials = header.strip().partition(" ")
+    if scheme.lower() != "bearer" or not credentials.strip():
+        return None
+    return credentials.strip()
+
+
+def tenant_of(header: str | None, tokens: dict[str, str]) -> str | None:
+    """The tenant whose token the header carries, else None; every token is
+    compared (constant time each), whichever matches."""
+    given = bearer(header)
+    if given is None:
+        return None
+    found = None
+    for tenant, token in tokens.items():
+        if hmac.compare_digest(given.encode(), token.encode()):
+            found = tenant
+    return found
+
+
 def token_matches(header: str | None, token: str) -> bool:
     """`Authorization: Bearer <token>`, compared in constant time."""
-    if not header or not header.startswith("Bearer "):
-        return False
-    return hmac.compare_digest(header[len("Bearer "):].strip().encode(), token.encode())
+    return tenant_of(header, {DEFAULT_TENANT: token}) is not None

@@ -188,3 +188,90 @@ def face_like(w: int = 64, h: int = 48) -> np.ndarray:
     img[: h // 2, w // 2:] = (20, 200, 20)
     img[h // 2:] = (20, 20, 220)
     return img
+
+
+# ----------------------------------------------------------- dubbing items
+def _image(path: Path, im, **save) -> Path:
+    from PIL import Image
+
+    (im if isinstance(im, Image.Image) else Image.fromarray(im)).save(path, **save)
+    return path
+
+
+def dubbing_kinds(d: Path) -> tuple[dict, dict]:
+    """Every awkward identity and audio kind, as dubbing items: returns
+    (good, bad), each `{item_id: (identity path, audio path)}`, and for bad
+    ones a third element, words of the reason. Good items use a plain
+    identity or a plain audio beside the odd one, so each item tests one kind."""
+    from PIL import Image
+
+    d.mkdir(parents=True, exist_ok=True)
+    face = np.repeat(np.repeat(face_like(64, 48), 1, 0), 1, 1)
+    plain_id = _image(d / "plain.png", face)
+    plain_audio = audio_file(d / "plain.wav", codec="pcm_s16le", rate=16000, seconds=1.0)
+    good_audio = {
+        "audio_8k": audio_file(d / "a8k.wav", codec="pcm_s16le", rate=8000),
+        "audio_96k_stereo": audio_file(d / "a96k.wav", codec="pcm_s24le", rate=96000, channels=2),
+        "audio_48k_stereo": audio_file(d / "a48k.wav", codec="pcm_s16le", rate=48000, channels=2),
+        "mp3": audio_file(d / "a.mp3", codec="libmp3lame", rate=44100, channels=2),
+        "opus": audio_file(d / "a.opus", codec="libopus", rate=48000, container="ogg"),
+        "truncated_mp3": truncate(audio_file(d / "cut.mp3", codec="libmp3lame", rate=44100, seconds=2.0), 0.6),
+        "tracks_as_audio": video(d / "tracks.mkv", audio=None, extra_audio=[
+            ("aac", 16000, 1, TONE_HZ, True), ("aac", 16000, 1, 880.0, False)]),
+        "video_as_audio": video(d / "talk.mp4", seconds=1.0),
+    }
+    u16 = (np.linspace(0, 65535, 64 * 48).reshape(48, 64)).astype(np.uint16)
+    good_identity = {
+        "rotated_video": video(d / "rot.mp4", size=(64, 32), rotation=90),
+        "ten_bit_video": video(d / "ten.mkv", pix_fmt="yuv420p10le"),
+        "full_range_video": video(d / "full.mp4", full_range=True, level=8),
+        "gray_video": video(d / "gray.mkv", codec="ffv1", pix_fmt="gray"),
+        "non_square_video": video(d / "wide.mp4", size=(96, 48)),
+        "cut_tail_video": truncate(video(d / "cuttail.mkv", seconds=3.0), 0.6),
+        "gray_image": _image(d / "g.png", face[..., 0]),
+        "rgba_image": _image(d / "rgba.png", np.dstack([face, np.full(face.shape[:2], 128, np.uint8)])),
+        "cmyk_jpeg": _image(d / "c.jpg", Image.fromarray(face).convert("CMYK"), quality=95),
+        "palette_png": _image(d / "p.png", Image.fromarray(face).convert("P", palette=Image.Palette.ADAPTIVE,
+                                                                          colors=4)),
+        "png_16bit": _image(d / "g16.png", Image.fromarray(u16)),
+        "exif_rotated_jpeg": _image(d / "e.jpg", face, exif=_exif(6), quality=95),
+        "non_square_image": _image(d / "tall.png", np.ascontiguousarray(face[:, :30])),
+    }
+    good = {k: (plain_id, a) for k, a in good_audio.items()}
+    good.update({k: (i, plain_audio) for k, i in good_identity.items()})
+    empty = d / "empty.wav"
+    empty.write_bytes(b"")
+    corrupt = d / "noise.wav"
+    corrupt.write_bytes(np.random.default_rng(5).bytes(20_000))
+    broken_jpeg = _image(d / "broken.jpg", face, quality=95)
+    truncate(broken_jpeg, 0.5)
+    bad = {
+        "zero_length_audio": (plain_id, empty, "empty file"),
+        "corrupt_audio": (plain_id, corrupt, "not a readable media file"),
+        "video_without_audio": (plain_id, video(d / "mute.mp4", audio=None), "no audio stream"),
+        "nan_audio": (plain_id, audio_file(d / "nan.wav", codec="pcm_f32le", rate=16000, nan=True), "NaN"),
+        "no_samples": (plain_id, video(d / "nosamples.mkv", audio_packets=False), "no samples"),
+        "flac_no_duration_too_long": (plain_id, flac_without_duration(d / "long.flac", seconds=40.0),
+                                      "longer than the limit"),
+        "tiny_frames_video": (video(d / "tiny.mkv", size=(8, 8), codec="ffv1", pix_fmt="yuv444p"),
+                              plain_audio, "below the minimum of 16 px"),
+        "one_pixel_image": (_image(d / "dot.png", np.zeros((1, 1, 3), np.uint8)), plain_audio,
+                            "1x1 px, below the minimum"),
+        "huge_png_header": (huge_png(d / "huge.png", 12000, 12000), plain_audio, "over the limit of 40 MP"),
+        "truncated_jpeg": (broken_jpeg, plain_audio, "image"),
+        "text_as_image": (_text(d / "notes.png"), plain_audio, "not a readable image"),
+    }
+    return good, bad
+
+
+def _exif(orientation: int):
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif
+
+
+def _text(path: Path) -> Path:
+    path.write_text("not an image at all\n")
+    return path

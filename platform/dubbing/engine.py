@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -84,6 +84,19 @@ class ContinuousBatcher:
         for key in list(self.loop.keys):
             self.loop.cancel(key)
         self._running.clear()
+
+    def cancel(self, match: Callable[[Segment], bool]) -> list[Segment]:
+        """Drop the segments `match` selects: queued ones, and those in a slot
+        (`FrameLoop.cancel` frees the slot now, so the next step runs without
+        them). Returns the dropped segments."""
+        dropped = [s for s in self.queue if match(s)]
+        if dropped:
+            self.queue = collections.deque(s for s in self.queue if not match(s))
+        for key in list(self.loop.keys):
+            if match(self._running[key]):
+                self.loop.cancel(key)
+                dropped.append(self._running.pop(key))
+        return dropped
 
     def _admit(self) -> None:
         while self.loop.free and self.queue:

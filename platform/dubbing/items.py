@@ -107,10 +107,14 @@ def load_identity(uri: str, size: int, cfg: DubConfig, frame: Optional[int] = No
     from dheads.platform.faces import crop_boxes, crop_resize, face_track
 
     with storage.local_path(uri, storage_cfg) as path:
-        if Path(uri).suffix.lower() in IMAGE_EXTS:
-            image = read_image(path)
+        if Path(uri).suffix.lower() in IMAGE_EXTS:   # refused from the header above the limit
+            image = read_image(path, max_pixels=cfg.max_image_pixels)
         else:  # decoded only up to that frame; past the end: the last one
-            image = read_frame(path, cfg.identity_frame if frame is None else frame, fps=FPS)
+            index = cfg.identity_frame if frame is None else frame
+            if index > cfg.max_identity_frame:
+                raise ItemError(f"identity_frame {index} is over the limit of {cfg.max_identity_frame} "
+                                "(an identity video is decoded up to its frame)")
+            image = read_frame(path, index, fps=FPS)
     detector = FaceDetector(cfg.face_detector)
     boxes = crop_boxes(face_track(image[None], detector), cfg.face_margin, detector)
     return crop_resize(image[None], boxes, size)[0]
@@ -124,6 +128,29 @@ def load_audio(uri: str, storage_cfg: StorageConfig | None = None,
     limit = {} if max_seconds is None else {"max_seconds": max_seconds}
     with storage.local_path(uri, storage_cfg) as path:
         return read_audio(path, SAMPLE_RATE, **limit)
+
+
+def check_job_items(items: list[DubItem]) -> None:
+    """Refuse a job (ItemError, one line) whose items share an `item_id` or an
+    `output`, or write an output onto one of the job's inputs. Items must have
+    their ids and outputs set (`with_defaults` / `from_row`)."""
+    def norm(uri: str) -> str:
+        return uri if storage.is_s3(uri) else os.path.realpath(os.path.expanduser(uri))
+
+    for field in ("item_id", "output"):
+        seen: dict[str, int] = {}
+        for n, item in enumerate(items):
+            value = getattr(item, field)
+            key = norm(value) if field == "output" else value
+            if key in seen:
+                raise ItemError(f"duplicate {field} {value!r} (items {seen[key]} and {n}); "
+                                f"every item needs its own {field}")
+            seen[key] = n
+    inputs = {norm(u): n for n, item in enumerate(items) for u in (item.identity, item.audio)}
+    for n, item in enumerate(items):
+        if norm(item.output) in inputs:
+            raise ItemError(f"output {item.output!r} of item {n} is an input of item "
+                            f"{inputs[norm(item.output)]}; an output never replaces an input")
 
 
 @dataclass
@@ -176,4 +203,5 @@ def finish_item(output: str, segments: list[Segment], frames: dict[int, np.ndarr
 
 
 __all__ = ["ItemError", "ItemStatus", "FINAL_STATUSES", "DubItem", "DubResult", "PreparedItem",
+           "check_job_items",
            "load_identity", "load_audio", "prepare_item", "write_output", "finish_item"]

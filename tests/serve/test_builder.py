@@ -4,6 +4,9 @@ import pytest
 from dheads.model.checkpoint import CheckpointError
 from dheads.platform.config import ConfigError
 from dheads.serve.app import app_builder
+from dheads.serve.security import bearer, parse_tokens, tenant_of
+
+SECRET = "s" * 40
 
 
 @pytest.fixture(scope="module")
@@ -12,13 +15,13 @@ def checkpoint(tmp_path_factory, dub_inputs):
 
 
 def test_app_builder_composes_overrides(monkeypatch, checkpoint):
-    monkeypatch.setenv("DHEADS_API_TOKEN", "secret")
+    monkeypatch.setenv("DHEADS_API_TOKEN", SECRET)
     app = app_builder({"overrides": [f"checkpoint={checkpoint}", "serve.autoscaling.max_replicas=3",
                                      "sampler.steps=ddim5"]})
     # Application -> the ingress deployment, bound to (model app, ServeJob, token)
     ingress = app._bound_deployment
-    model_app, job, token = ingress.init_args
-    assert token == "secret"
+    model_app, job, tokens = ingress.init_args
+    assert tokens == {"default": SECRET}
     assert job.checkpoint == str(checkpoint) and job.sampler.steps == "ddim5"
     model = model_app._bound_deployment
     assert model.name == "DubbingModel" and model.name != ingress.name
@@ -27,7 +30,7 @@ def test_app_builder_composes_overrides(monkeypatch, checkpoint):
 
 
 def test_app_builder_rejects_typos(monkeypatch):
-    monkeypatch.setenv("DHEADS_API_TOKEN", "secret")
+    monkeypatch.setenv("DHEADS_API_TOKEN", SECRET)
     with pytest.raises(ConfigError, match="serve.nope"):
         app_builder({"overrides": ["serve.nope=1"]})
 
@@ -39,6 +42,42 @@ def test_app_builder_needs_a_token(monkeypatch, checkpoint):
 
 
 def test_app_builder_needs_a_checkpoint(monkeypatch, tmp_path):
-    monkeypatch.setenv("DHEADS_API_TOKEN", "secret")
+    monkeypatch.setenv("DHEADS_API_TOKEN", SECRET)
     with pytest.raises(CheckpointError, match="dheads export"):
         app_builder({"overrides": [f"checkpoint={tmp_path / 'missing'}"]})
+
+
+def test_short_tokens_are_refused_at_start(monkeypatch, checkpoint, tmp_path):
+    monkeypatch.setenv("DHEADS_API_TOKEN", "x" * 31)
+    with pytest.raises(ConfigError, match="31 characters; tokens must be at least 32"):
+        app_builder({"overrides": [f"checkpoint={checkpoint}"]})
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"acme: {'a' * 40}\nshort: {'b' * 12}\n")
+    with pytest.raises(ConfigError, match="line 2: the token of tenant 'short' is 12 characters"):
+        app_builder({"overrides": [f"checkpoint={checkpoint}", f"serve.tokens_file={tokens}"]})
+
+
+def test_tokens_file_and_bearer_parsing():
+    tokens = parse_tokens(f"# comment\n\nacme: {'a' * 40}\nbeta:{'b' * 33}\n", "f")
+    assert tokens == {"acme": "a" * 40, "beta": "b" * 33}
+    for bad, words in [(f"acme {'a' * 40}", "expected `tenant: token`"),
+                       (f"a/b: {'a' * 40}", "must match"),
+                       (f"x: {'a' * 40}\ny: {'a' * 40}", "share one token"),
+                       (f"x: {'a' * 40}\nx: {'b' * 40}", "appears twice"), ("", "no `tenant: token`")]:
+        with pytest.raises(ConfigError, match=words):
+            parse_tokens(bad, "f")
+    assert bearer("bearer abc") == bearer("BEARER abc") == bearer("Bearer  abc ") == "abc"
+    assert bearer("Basic abc") is None and bearer("Bearer") is None and bearer(None) is None
+    assert tenant_of(f"bEaReR {'b' * 33}", tokens) == "beta"
+    assert tenant_of(f"Bearer {'b' * 32}", tokens) is None
+
+
+def test_the_service_state_can_never_be_allowed(monkeypatch, checkpoint, tmp_path):
+    monkeypatch.setenv("DHEADS_API_TOKEN", SECRET)
+    with pytest.raises(ConfigError, match="inside the service's own state"):
+        app_builder({"overrides": [f"checkpoint={checkpoint}", f"serve.job_store={tmp_path}/js",
+                                   f'serve.allowed_uris=["{tmp_path}/js/uploads"]']})
+    with pytest.raises(ConfigError, match="cannot hold leases"):
+        app_builder({"overrides": [f"checkpoint={checkpoint}", "serve.job_store=s3://b/jobs"]})
+    with pytest.raises(ConfigError, match="serve.upload_dir is required"):
+        app_builder({"overrides": [f"checkpoint={checkpoint}", "serve.job_store=postgresql://h/db"]})
