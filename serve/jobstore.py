@@ -257,8 +257,13 @@ class JobStore:
                    int(job.overwrite), job.uploads))
             for n, item in enumerate(job.items):
                 spec = DubItem.model_validate(item.model_dump()).model_dump_json()
-                c.run("INSERT INTO dheads_items (job_id, idx, spec, output, status) "
-                      "VALUES (?, ?, ?, ?, ?)", (job.job_id, n, spec, item.output, ItemStatus.queued.value))
+                # an item refused at submission (a media limit) is stored failed with its reason
+                failed = item.status == ItemStatus.failed
+                c.run("INSERT INTO dheads_items (job_id, idx, spec, output, status, reason) "
+                      "VALUES (?, ?, ?, ?, ?, ?)", (job.job_id, n, spec, item.output,
+                                                    (ItemStatus.failed if failed else ItemStatus.queued).value,
+                                                    item.reason if failed else None))
+            self._settle(c, job.job_id, now)
 
     def load(self, job_id: str, tenant: Optional[str] = None) -> Optional[JobRecord]:
         """The job (None if there is none, or it belongs to another tenant)."""

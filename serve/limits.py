@@ -91,12 +91,12 @@ async def read_json_job(stream: AsyncIterator[bytes], max_bytes: int, max_items:
     counter, chunks, total = ItemCounter(), [], 0
     async for chunk in stream:
         total += len(chunk)
-        if total > max_bytes:
-            raise BodyTooLarge(f"request body is over the limit of {max_bytes} bytes "
-                               f"(serve.max_body_kb); stopped reading at {total} bytes")
         if counter.feed(chunk) > max_items:
             raise BodyTooLarge(f"more than {max_items} items, over the limit of {max_items} per job "
                                "(serve.max_items_per_job); stopped reading the body there")
+        if total > max_bytes:
+            raise BodyTooLarge(f"request body is over the limit of {max_bytes} bytes "
+                               f"(serve.max_body_kb); stopped reading at {total} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
 

@@ -35,6 +35,10 @@ def ray_session():
 
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    # Ray Data's console log handler binds to the sys.stderr of the moment it
+    # is imported; imported here (session setup, outside any test's capsys)
+    # it never writes into a capture that a finished test has closed.
+    import ray.data  # noqa: F401
     yield ray
     ray.shutdown()
 

@@ -42,7 +42,10 @@ def test_every_kind_is_an_mp4_or_a_reason_and_the_job_completes(ray_session, kin
     rows = [{"item_id": k, "identity": str(i), "audio": str(a)} for k, (i, a) in good.items()]
     rows += [{"item_id": k, "identity": str(i), "audio": str(a)} for k, (i, a, _) in bad.items()]
     rows.append({"item_id": "frame_past_the_end", "identity": str(good["gray_video"][0]),
-                 "audio": str(good["gray_video"][1]), "identity_frame": 10_000})   # the last frame
+                 "audio": str(good["gray_video"][1]), "identity_frame": 1_000})
+    # past the clip's end but under dub.max_identity_frame (1500): the last frame is taken
+    rows.append({"item_id": "frame_over_the_limit", "identity": str(good["gray_video"][0]),
+                 "audio": str(good["gray_video"][1]), "identity_frame": 10_000})
     rows.append({"item_id": "no_audio_field", "identity": str(good["gray_image"][0])})
     out = tmp_path / "out"
     assert main(_args(_write(tmp_path / "m.jsonl", rows), out, ckpt)) == 0
@@ -57,9 +60,11 @@ def test_every_kind_is_an_mp4_or_a_reason_and_the_job_completes(ray_session, kin
     for k, (_, _, words) in bad.items():
         assert results[k]["status"] == "failed" and words in results[k]["reason"], results[k]
         assert not (out / f"{k}.mp4").exists()
+    assert results["frame_over_the_limit"]["status"] == "failed"
+    assert "over the limit of 1500" in results["frame_over_the_limit"]["reason"], results["frame_over_the_limit"]
     assert results["no_audio_field"]["status"] == "failed"
     assert "missing field" in results["no_audio_field"]["reason"]
-    assert (summary["succeeded"], summary["failed"]) == (len(good) + 1, len(bad) + 1)
+    assert (summary["succeeded"], summary["failed"]) == (len(good) + 1, len(bad) + 2)
 
 
 def test_a_manifest_that_would_merge_or_clobber_is_refused(ray_session, kinds, tmp_path, capsys):
