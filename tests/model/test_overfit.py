@@ -2,9 +2,11 @@
 L_vlb, L_ls) on a fixed batch of its frames falls at least 10x, with the
 paper's diffusion and with dheads' defaults."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from dheads.model.audio import AudioFeatures
 from dheads.model.config import DiffusionConfig
@@ -14,10 +16,12 @@ from dheads.model.video import audio_windows, clip_motion_frames
 from dheads.platform.media import read_video
 
 
-PAPER = DiffusionConfig(prediction="eps", identity_residual=False, mouth_margin=0.0)
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "diffusion"
+PAPER = DiffusionConfig(**OmegaConf.to_container(OmegaConf.load(CONFIGS / "paper.yaml")))
+DHEADS = DiffusionConfig(**OmegaConf.to_container(OmegaConf.load(CONFIGS / "default.yaml")))   # x0 + residual
 
 
-@pytest.mark.parametrize("diffusion_cfg", [PAPER, DiffusionConfig()], ids=["paper", "default"])
+@pytest.mark.parametrize("diffusion_cfg", [PAPER, DHEADS], ids=["paper", "default"])
 def test_tiny_overfits_one_clip(benchmark_dir, load_preset, diffusion_cfg):
     cfg = load_preset("tiny")
     size = cfg.image_size
