@@ -8,7 +8,7 @@ Every arm is a real `dheads train` (Ray Train, FSDP2, 2 CPU workers, bf16
 autocast) from the benchmark's 64-px shards with the same steps, batch,
 learning rate, seed and data order; only the arm's overrides differ. Its
 EMA export is then sampled with the product's default sampler (and the
-paper's ancestral 100 steps for the `paper` arm too) through the dubbing
+paper's ancestral 100 steps for the `paper` arm too, `--paper-sampler`) through the dubbing
 engine. Prints one JSON line: per arm the overrides, the training wall
 seconds and the quality row; plus the floor and ceiling rows. Resumable:
 an arm whose quality.json exists is not run again (delete it to redo).
@@ -87,6 +87,8 @@ def main() -> None:
     ap.add_argument("--shards", default=str(REPO / "runs" / "shards-64"))
     ap.add_argument("--source", default=None, help="default: the benchmark's train/")
     ap.add_argument("--val", default=None, help="default: the benchmark's val/")
+    ap.add_argument("--paper-sampler", default="respaced100",
+                    help="also score the paper arm with this sampler (the paper's); '' to skip")
     ap.add_argument("--clips", type=int, default=0)
     ap.add_argument("--seconds", type=float, default=0.0)
     ap.add_argument("--out", default=str(REPO / "runs" / "ablation"))
@@ -124,7 +126,8 @@ def main() -> None:
             result["arms"][name] = json.loads(done.read_text())
             continue
         train_s = train_arm(name, ARMS[name], args, out)
-        samplers = ["default"] + (["respaced100"] if name == "paper" and not args.smoke else [])
+        samplers = ["default"] + ([args.paper_sampler] if name == "paper" and args.paper_sampler
+                                  and not args.smoke else [])
         q = quality.evaluate_checkpoint(str(out / "runs" / name / "export"), args.val, out / name,
                                         samplers, args.clips, args.seconds, smoke=args.smoke)
         row = {"overrides": ARMS[name], "train_s": train_s,
