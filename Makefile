@@ -39,7 +39,7 @@ lock-check: $(UV)
 test: lock-check install
 	@bash scripts/install_chromium.sh   # the HTML report is checked in headless Chromium
 	@bash scripts/install_postgres.sh   # the job store is tested against a real PostgreSQL server
-	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest tests -q --durations=15
 
 demo: install
 	$(BIN)/python -m dheads.jobs.demo
