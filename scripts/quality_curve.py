@@ -30,7 +30,7 @@ def minutes_at(run: Path) -> dict[int, float]:
     total, out = 0.0, {}
     for row in csv.DictReader(open(run / "metrics.csv")):
         total += float(row["iter_time_s"])
-        out[int(row["step"])] = total / 60
+        out[int(float(row["step"]))] = total / 60
     return out
 
 
