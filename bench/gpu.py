@@ -93,7 +93,7 @@ DHEADS_FROM = map_dheads_namespace()
 import torch.distributed as dist  # noqa: E402
 
 from dheads.model.audio import feature_shape  # noqa: E402
-from dheads.model.config import (AudioConfig, DiffusionConfig, ModelConfig,  # noqa: E402
+from dheads.model.config import (AudioConfig, DiffusionConfig, ModelConfig, MotionConfig,  # noqa: E402
                                  SamplerConfig, SamplerKind)
 from dheads.model.diffusion import GaussianDiffusion  # noqa: E402
 from dheads.model.flops import build_meta, count_flops, count_params  # noqa: E402
@@ -112,7 +112,8 @@ PRESETS = {
                          audio=AudioConfig(n_mels=80, embed_dim=256)),
     "tiny": ModelConfig(preset="tiny", image_size=64, model_channels=32, channel_mult=[1, 2, 3],
                         num_res_blocks=1, attention_resolutions=[], num_head_channels=32,
-                        num_groups=16, audio=AudioConfig(n_mels=40, embed_dim=128)),
+                        num_groups=16, audio=AudioConfig(n_mels=40, embed_dim=128),
+                        motion=MotionConfig(train_noise_max=0.5, infer_noise=0.05, embed_noise=True)),
 }
 SAMPLERS = {"ddim": SamplerConfig(kind=SamplerKind.ddim, steps="trailing20"),
             "respaced": SamplerConfig(kind=SamplerKind.respaced, steps="100", eta=1.0)}
