@@ -38,6 +38,7 @@ job completes.
 
 import asyncio
 import json
+import os
 import re
 from pathlib import Path
 from typing import Optional
@@ -165,6 +166,14 @@ def _media_problem(item: ItemRecord, cfg: ServeJob) -> Optional[tuple[int, str]]
     return None
 
 
+def _replica_id() -> str:
+    """Serve's id of this replica (names its /metrics answer)."""
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - outside a replica (tests construct the class directly)
+        return f"pid-{os.getpid()}"
+
+
 @serve.deployment
 @serve.ingress(api)
 class DubbingAPI:
@@ -175,7 +184,7 @@ class DubbingAPI:
         self.upload_dir = s.upload_dir
         state = [p for p in (self.store.location, self.upload_dir) if p]
         self.policy = UriPolicy(s.allowed_uris, state)
-        self.metrics = ServeMetrics()
+        self.metrics = ServeMetrics(_replica_id())
         self.runner = JobRunner(cfg, model, self.store, self.metrics)
         self.runner.start()
 

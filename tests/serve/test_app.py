@@ -7,6 +7,7 @@ composed with Hydra and shrunk.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import sys
 import time
@@ -131,6 +132,20 @@ def _metric(text: str, name: str) -> float:
                if line.startswith(name) and not line.startswith("#"))
 
 
+def _scrape_all(svc: Service, replicas: int = 2, tries: int = 60) -> str:
+    """Every ingress replica's /metrics (each counts only what it did; Serve
+    routes each scrape to one of them), concatenated: `_metric` then sums
+    over replicas. 60 scrapes miss one of two replicas with p ~ 2^-59."""
+    seen: dict[str, str] = {}
+    for _ in range(tries):
+        text = requests.get(f"{svc.url}/metrics", timeout=10).text
+        [replica] = re.findall(r'^dheads_ingress_info\{replica="([^"]+)"\}', text, re.M)
+        seen[replica] = text
+        if len(seen) == replicas:
+            return "\n".join(seen.values())
+    raise AssertionError(f"only {len(seen)} of {replicas} ingress replicas answered /metrics")
+
+
 def _check_mp4(svc: Service, uri: str, seconds: float) -> None:
     with storage.local_path(uri, svc.cfg.storage) as path:
         info = probe(path)
@@ -173,7 +188,7 @@ def test_auth_allow_list_and_limits(service):
 
 def test_job_fans_out_completes_and_reports_the_corrupt_item(service):
     svc = service
-    before = requests.get(f"{svc.url}/metrics", timeout=10).text
+    before = _scrape_all(svc)
     items = [_item(svc, "id.png", "a20.wav", item_id="long"),
              _item(svc, "id.png", "a2.flac", item_id="flac"),
              _item(svc, "id.mp4", "a15.m4a", item_id="m4a", identity_frame=3),
@@ -194,7 +209,7 @@ def test_job_fans_out_completes_and_reports_the_corrupt_item(service):
         _check_mp4(svc, results[item_id]["output"], seconds)
     assert results["corrupt"]["output"] is None
     assert _outputs(svc, job_id) == sorted(f"out/{job_id}/{i}.mp4" for i in expected)
-    after = requests.get(f"{svc.url}/metrics", timeout=10).text
+    after = _scrape_all(svc)
     for name, delta in [("dheads_jobs_submitted_total", 1), ("dheads_jobs_failed_total", 1),
                         ("dheads_segments_generated_total", 8), ("dheads_frames_generated_total", 500),
                         ('dheads_items_total{status="failed"}', 1),
