@@ -2,30 +2,30 @@
 
     python bench/upload_memory.py [--upload-mb 2048] [--smoke]
 
-Two runs against real Ray Serve over HTTP on 127.0.0.1, each a multipart job
-whose identity part is `--upload-mb` MB sent with `Transfer-Encoding: chunked`
+Runs against real Ray Serve on 127.0.0.1, each a multipart job whose
+identity part is `--upload-mb` MB sent with `Transfer-Encoding: chunked`
 (no Content-Length, so nothing can be refused before reading):
 
-- `refused`: the service's default `serve.max_upload_mb` (50). The ingress
-  counts bytes as the body streams and answers 413 at the limit.
-- `admitted`: the limit raised above the upload, so all of it is written to
-  the uploads folder (checked on disk) and the job is accepted (202).
+- `serve_port`: sent to the Serve HTTP port. While the upload listener runs
+  (`serve.upload_port`, the default), that route refuses multipart before
+  reading the body (421, naming the listener).
+- `refused`: sent to the upload listener with the default
+  `serve.max_upload_mb` (50): 413 at the limit, counted as the body streams.
+- `admitted`: the upload listener with the limit raised above the upload:
+  all of it lands in the uploads folder (checked on disk), 202.
 
 For each: resident memory (VmRSS from /proc, sampled every 50 ms) of the
-ingress replica and of Serve's HTTP proxy, baseline / peak / after.
+ingress replica and of Serve's HTTP proxy, baseline (after one warm-up job
+of 1 MB) / peak / after.
 
-What the figures show (README "Security defaults"): dheads' own parser holds
-one chunk at a time (`serve/limits.py::read_uploads` writes each part to a
-file as it streams), but Ray Serve's HTTP path has no request-body
-backpressure: the proxy drains the socket into an unbounded queue
-(`ray/serve/_private/proxy.py` `proxy_asgi_receive` -> `MessageQueue`) and
-the replica pulls everything queued on each fetch into another
-(`http_util.py::ASGIReceiveProxy.fetch_until_disconnect`). A fast client can
-therefore put most of an admitted upload in the ingress's memory at once;
-the limit bounds it. Keep `serve.max_upload_mb` small and put large media in
-object storage (jobs take `s3://` URIs).
+Why a listener of its own (`serve/listener.py`): Ray Serve's HTTP path has
+no request-body backpressure (the proxy drains the socket into an unbounded
+queue, the replica pulls everything queued into another), so through the
+Serve port a fast client put +1.16 GB of a 2 GB upload in the ingress. The
+listener is uvicorn in the ingress replica itself, which stops reading the
+socket while 64 KB wait; dheads' parser writes each chunk to disk.
 
-`--smoke` (the test suite): 24 MB against a 4 MB limit and 24 MB admitted.
+`--smoke` (the test suite): 24 MB, a 4 MB limit for `refused`.
 """
 from __future__ import annotations
 
@@ -40,10 +40,10 @@ import uuid
 from pathlib import Path
 
 MB = 1 << 20
-RUN_KEYS = ("status", "upload_mb", "limit_mb", "ingress_rss_baseline_mb", "ingress_rss_peak_mb",
+RUN_KEYS = ("status", "port", "upload_mb", "limit_mb", "ingress_rss_baseline_mb", "ingress_rss_peak_mb",
             "ingress_rss_growth_mb", "ingress_rss_after_mb", "proxy_rss_growth_mb", "samples")
 JSON_KEYS = ("bench", "upload_mb", "cpu_count", "smoke",
-             *(f"refused.{k}" for k in RUN_KEYS), *(f"admitted.{k}" for k in RUN_KEYS))
+             *(f"{run}.{k}" for run in ("serve_port", "refused", "admitted") for k in RUN_KEYS))
 
 
 def _free_port() -> int:
@@ -94,7 +94,8 @@ def _upload(port: int, token: str, upload_mb: int, wav: bytes) -> tuple[int, dic
     return resp.status, json.loads(resp.read() or b"{}")
 
 
-def measure(tmp: Path, ckpt: str, port: int, upload_mb: int, limit_mb: float, wav: bytes) -> dict:
+def measure(tmp: Path, ckpt: str, ports: tuple[int, int], upload_mb: int, limit_mb: float, wav: bytes,
+            to_serve_port: bool = False) -> dict:
     from ray import serve
 
     from dheads.platform.config import compose
@@ -102,7 +103,8 @@ def measure(tmp: Path, ckpt: str, port: int, upload_mb: int, limit_mb: float, wa
 
     token = "bench-upload-" + uuid.uuid4().hex
     cfg = compose("serve", [
-        f"checkpoint={ckpt}", "sampler.steps=ddim2", f"serve.port={port}", f"serve.token={token}",
+        f"checkpoint={ckpt}", "sampler.steps=ddim2", f"serve.port={ports[0]}", f"serve.upload_port={ports[1]}",
+        f"serve.token={token}",
         "blocking=false", f'serve.allowed_uris=["{tmp}/out"]', f"serve.job_store={tmp}/state-{limit_mb}",
         f"serve.output_dir={tmp}/out", f"serve.max_upload_mb={limit_mb}", "dub.num_threads=1",
         "serve.autoscaling.min_replicas=1", "serve.autoscaling.max_replicas=1"])
@@ -110,6 +112,11 @@ def measure(tmp: Path, ckpt: str, port: int, upload_mb: int, limit_mb: float, wa
     try:
         [ingress] = _pids(b"ServeReplica:dheads:DubbingAPI")
         proxy = _pids(b"ProxyActor")
+        # one 1 MB job through the listener first: the baseline then includes what the
+        # first submission loads once (media probes, imports), not just an idle replica
+        warm, _ = _upload(ports[1], token, 1, wav)
+        if warm != 202:
+            raise SystemExit(f"warm-up upload answered {warm}")
         baseline = _rss_mb(ingress)
         proxy_base = {p: _rss_mb(p) for p in proxy}
         peak, proxy_peak, stop = [baseline], dict(proxy_base), threading.Event()
@@ -122,6 +129,7 @@ def measure(tmp: Path, ckpt: str, port: int, upload_mb: int, limit_mb: float, wa
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
+        port = ports[0] if to_serve_port else ports[1]
         status, body = _upload(port, token, upload_mb, wav)
         stop.wait(1.0)                                   # let the replica settle
         after = _rss_mb(ingress)
@@ -131,9 +139,9 @@ def measure(tmp: Path, ckpt: str, port: int, upload_mb: int, limit_mb: float, wa
             upload = tmp / f"state-{limit_mb}" / "uploads" / body["job_id"] / "identity.png"
             if upload.stat().st_size != upload_mb * MB:
                 raise SystemExit(f"upload incomplete on disk: {upload.stat().st_size} bytes")
-        elif status != 413:
+        elif status != (421 if to_serve_port else 413):
             raise SystemExit(f"unexpected answer {status}: {body}")
-        return {"status": status, "upload_mb": upload_mb, "limit_mb": limit_mb,
+        return {"status": status, "port": "serve" if to_serve_port else "upload", "upload_mb": upload_mb, "limit_mb": limit_mb,
                 "ingress_rss_baseline_mb": round(baseline, 1), "ingress_rss_peak_mb": round(max(peak), 1),
                 "ingress_rss_growth_mb": round(max(peak) - baseline, 1),
                 "ingress_rss_after_mb": round(after, 1),
@@ -161,13 +169,14 @@ def main() -> None:
     ckpt = str(tiny_checkpoint(tmp / "ckpt"))
     write_wav(tmp / "a.wav", speech(1.0))
     wav = (tmp / "a.wav").read_bytes()
-    port = _free_port()          # one Serve instance, one HTTP port for both runs
+    ports = (_free_port(), _free_port())   # one Serve instance: its HTTP port, the upload listener's
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         out = {"bench": "upload_memory", "upload_mb": args.upload_mb, "cpu_count": os.cpu_count(),
                "smoke": args.smoke,
-               "refused": measure(tmp, ckpt, port, args.upload_mb, refused_limit, wav),
-               "admitted": measure(tmp, ckpt, port, args.upload_mb, args.upload_mb + 16, wav)}
+               "serve_port": measure(tmp, ckpt, ports, args.upload_mb, refused_limit, wav, to_serve_port=True),
+               "refused": measure(tmp, ckpt, ports, args.upload_mb, refused_limit, wav),
+               "admitted": measure(tmp, ckpt, ports, args.upload_mb, args.upload_mb + 16, wav)}
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -54,7 +54,7 @@ def dub_via_api(token: str) -> int:
     from ray import serve
 
     rc = _job("serve", f"checkpoint={OUT / 'export'}", f"serve.token={token}",
-              f"serve.port={PORT}", f"serve.allowed_uris=[{OUT}/]",
+              f"serve.port={PORT}", f"serve.upload_port={PORT + 1}", f"serve.allowed_uris=[{OUT}/]",
               f"serve.job_store={OUT / 'jobstore'}", f"serve.output_dir={OUT / 'dubbed'}",
               "dub.num_threads=1", "blocking=false")
     if rc:

@@ -179,6 +179,10 @@ class ServeConfig:
     max_body_kb: float = 1024.0          # JSON job body; counted while it streams in
     max_audio_s: float = 120.0
     max_upload_mb: float = 50.0          # both files of a multipart job, counted while streaming
+    # The ingress replicas' own listener for POST /v1/jobs (uploads), on `host`:
+    # it reads a body only as fast as it is handled (Serve's proxy buffers
+    # bodies whole); the Serve port then refuses multipart (421). null: off.
+    upload_port: Optional[int] = 8001
     lease_s: float = 30.0                # an ingress holds an item this long between renewals
     max_attempts: int = 3                # claims of an item before it fails with its last error
     poll_s: float = 1.0                  # how often an ingress renews leases and claims items

@@ -9,6 +9,12 @@
     GET    /healthz, /metrics       liveness; Prometheus text
     GET    /docs, /openapi.json     OpenAPI
 
+Multipart uploads go to the ingress replicas' own listener on
+`serve.upload_port` (`serve/listener.py`: the same `POST /v1/jobs` and
+`/healthz`, read with TCP backpressure); while it runs, this Serve route
+answers multipart bodies 421 before reading them, since Serve's proxy would
+buffer the whole body.
+
 `/v1/*` needs `Authorization: Bearer <token>` (scheme in any case; 401); a
 job is visible only to the tenant whose token submitted it (404 for others).
 
@@ -54,6 +60,7 @@ from dheads.platform.dubbing.items import DubItem, DubResult, ItemError, ItemSta
 from dheads.platform.media import AUDIO_EXTS, IMAGE_EXTS, VIDEO_EXTS
 from dheads.serve import limits
 from dheads.serve.jobstore import ItemRecord, JobRecord, JobStore
+from dheads.serve.listener import UploadListener
 from dheads.serve.metrics import CONTENT_TYPE, ServeMetrics
 from dheads.serve.runner import JobRunner
 from dheads.serve.security import UriForbidden, UriPolicy, tenant_of
@@ -133,6 +140,10 @@ def _fail(status: int, detail: str) -> HTTPException:
 
 # Helpers sit above the deployment: `serve.ingress` serialises the class when
 # it is decorated, so names defined below it would be missing in the replica.
+def _is_multipart(request: Request) -> bool:
+    return request.headers.get("content-type", "").lower().startswith("multipart/form-data")
+
+
 def _form_int(fields: dict, name: str) -> Optional[int]:
     value = fields.get(name)
     if value in (None, ""):
@@ -187,6 +198,8 @@ class DubbingAPI:
         self.metrics = ServeMetrics(_replica_id())
         self.runner = JobRunner(cfg, model, self.store, self.metrics)
         self.runner.start()
+        self.listener = None if s.upload_port is None else UploadListener(
+            self._accept, self.healthz, s.host, s.upload_port, JobAccepted).start()
 
     # ------------------------------------------------------------- helpers
     def _authorize(self, request: Request) -> str:
@@ -224,10 +237,20 @@ class DubbingAPI:
               summary="Submit a dubbing job (JSON list of URIs, or one item as multipart uploads)",
               dependencies=[Depends(bearer)])
     async def submit(self, request: Request) -> JobAccepted:
+        if _is_multipart(request) and self.listener is not None:
+            self._authorize(request)
+            host = request.url.hostname or self.cfg.serve.host
+            raise _fail(421, f"multipart uploads go to the upload listener: POST "
+                             f"http://{host}:{self.listener.port}/v1/jobs (serve.upload_port; this port's "
+                             "proxy would buffer the whole body)")
+        return await self._accept(request)
+
+    async def _accept(self, request: Request) -> JobAccepted:
+        """A job submission, from the Serve route or the upload listener."""
         tenant = self._authorize(request)
         s = self.cfg.serve
         upload_limit = int(s.max_upload_mb * 1024 * 1024)
-        multipart = request.headers.get("content-type", "").startswith("multipart/form-data")
+        multipart = _is_multipart(request)
         declared = request.headers.get("content-length")
         limit = upload_limit + 64 * 1024 if multipart else int(s.max_body_kb * 1024)
         if declared and declared.isdigit() and int(declared) > limit:
@@ -370,6 +393,8 @@ class DubbingAPI:
         return job
 
     def __del__(self):
+        if getattr(self, "listener", None) is not None:
+            self.listener.stop()
         runner = getattr(self, "runner", None)
         if runner is not None:
             try:

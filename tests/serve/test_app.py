@@ -34,6 +34,7 @@ OTHER = "other-tenant-" + uuid.uuid4().hex      # a second tenant's token
 @dataclass
 class Service:
     url: str
+    upload_url: str          # the ingress replicas' own listener (serve.upload_port)
     cfg: ServeJob
     bucket: str
     inputs: dict
@@ -41,6 +42,11 @@ class Service:
     def post(self, json=None, token=TOKEN, **kw):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         return requests.post(f"{self.url}/v1/jobs", json=json, headers=headers, timeout=60, **kw)
+
+    def upload(self, files, token=TOKEN, **kw):
+        """A multipart job, sent to the upload listener."""
+        return requests.post(f"{self.upload_url}/v1/jobs", files=files, timeout=60,
+                             headers={"Authorization": f"Bearer {token}"}, **kw)
 
     def get(self, path: str, token=TOKEN):
         return requests.get(f"{self.url}{path}", headers={"Authorization": f"Bearer {token}"}, timeout=30)
@@ -99,7 +105,7 @@ def service(ray_session, s3_server, tmp_path_factory, dub_inputs):
     for p in tmp.iterdir():
         if p.is_file():
             storage.upload_file(p, inputs[p.name], st)
-    port = _free_port()
+    port, upload_port = _free_port(), _free_port()
     mk.huge_png(tmp / "huge.png", 12000, 12000)                  # valid header, 144 MP
     for p in [tmp / "huge.png"]:
         storage.upload_file(p, storage.join(f"s3://{bucket}/in", p.name), st)
@@ -109,7 +115,7 @@ def service(ray_session, s3_server, tmp_path_factory, dub_inputs):
     state = tmp_path_factory.mktemp("state")
     cfg = compose("serve", [
         f"checkpoint={ckpt}", "sampler.steps=ddim2", f"storage.endpoint_url={s3_server}",
-        f"serve.port={port}", f"serve.tokens_file={tokens}", "blocking=false",
+        f"serve.port={port}", f"serve.upload_port={upload_port}", f"serve.tokens_file={tokens}", "blocking=false",
         f'serve.allowed_uris=["s3://{bucket}/in","s3://{bucket}/out","{state}"]',
         f"serve.job_store={state}/jobstore", f"serve.upload_dir=s3://{bucket}/uploads",
         f"serve.output_dir=s3://{bucket}/out", "serve.ingress_replicas=2", "serve.lease_s=6",
@@ -118,7 +124,7 @@ def service(ray_session, s3_server, tmp_path_factory, dub_inputs):
         "dub.batch_size=8", "dub.num_threads=1", "dub.max_segment_s=4", "dub.min_segment_s=1",
         "serve.autoscaling.min_replicas=1", "serve.autoscaling.max_replicas=2"])
     app.run(cfg)
-    yield Service(f"http://127.0.0.1:{port}", cfg, bucket, inputs)
+    yield Service(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{upload_port}", cfg, bucket, inputs)
     serve.delete(app.APP_NAME)
     serve.shutdown()
 
@@ -180,8 +186,12 @@ def test_auth_allow_list_and_limits(service):
     assert r.status_code == 422 and "over the limit" in r.json()["detail"]
     assert svc.post({"items": []}).status_code == 422
     files = {"identity": ("id.png", b"\x89PNG" + b"0" * (2 * 1024 * 1024)), "audio": ("a.wav", b"x")}
-    r = svc.post(token=TOKEN, files=files)
+    r = svc.upload(files)
     assert r.status_code == 413 and "over the limit of" in r.json()["detail"]   # declared length
+    r = svc.post(files=files)           # multipart on the Serve port: refused, pointing at the listener
+    assert r.status_code == 421 and svc.upload_url + "/v1/jobs" in r.json()["detail"]
+    assert svc.upload({"identity": ("id.png", b"x"), "audio": ("a.wav", b"x")}, token="wrong").status_code == 401
+    assert requests.get(f"{svc.upload_url}/healthz", timeout=10).json()["status"] == "ok"
     assert requests.get(f"{svc.url}/healthz", timeout=10).json()["status"] == "ok"
     assert "/v1/jobs" in requests.get(f"{svc.url}/openapi.json", timeout=10).json()["paths"]
 
@@ -227,7 +237,7 @@ def test_multipart_upload_and_cancel(service, tmp_path, dub_inputs):
     Image.fromarray(dub_inputs.face_image(7)).save(tmp_path / "up.png")
     files = {"identity": ("up.png", (tmp_path / "up.png").read_bytes()),
              "audio": ("up.wav", (tmp_path / "up.wav").read_bytes())}
-    r = svc.post(files=files, data={"item_id": "upload"})
+    r = svc.upload(files, data={"item_id": "upload"})
     assert r.status_code == 202, r.text
     job = svc.wait(r.json()["job_id"])
     assert job["status"] == "succeeded", job
@@ -304,14 +314,14 @@ def test_nothing_runs_at_import():
 
 
 # ------------------------------------------------------------ issue 12 holes
-def _stream_post(svc: Service, chunks, content_type="application/json", token=TOKEN):
+def _stream_post(svc: Service, chunks, content_type="application/json", token=TOKEN, url=None):
     """POST a chunked body from `chunks` on a raw socket while reading the
     answer: the server may answer (413) and close before the body ends.
     Returns (status, detail, bytes sent)."""
     import http.client
     import threading
 
-    host, port = svc.url.split("//")[1].split(":")
+    host, port = (url or svc.url).split("//")[1].split(":")
     sock = socket.create_connection((host, int(port)), timeout=120)
     head = (f"POST /v1/jobs HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n"
             f"Content-Type: {content_type}\r\nTransfer-Encoding: chunked\r\n\r\n").encode()
@@ -349,13 +359,24 @@ def test_bodies_are_bounded_while_they_stream(service):
     chunks = (b"[" if i == 0 else item * 100 for i in range(2001))
     status, detail, _ = _stream_post(svc, chunks)
     assert status == 413 and "more than 8 items" in detail and "serve.max_items_per_job" in detail
-    # a 2 GB multipart upload: streamed to disk, cut at the 1 MB limit
+    # a 2 GB multipart upload to the upload listener: streamed to disk, cut at the 1 MB limit;
+    # the listener reads only as fast as the parser takes chunks, so the client could not
+    # push more than the limit plus socket buffers (a few MB) before the answer
     boundary = "dheadsboundary"
     head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"identity\"; filename=\"id.png\"\r\n"
             "Content-Type: image/png\r\n\r\n").encode()
+    content_type = f"multipart/form-data; boundary={boundary}"
     chunks = (head if i == 0 else b"\0" * (1 << 20) for i in range(2049))
-    status, detail, sent = _stream_post(svc, chunks, f"multipart/form-data; boundary={boundary}")
-    assert status == 413 and "limit of 1048576 bytes" in detail and sent < 1 << 31
+    status, detail, sent = _stream_post(svc, chunks, content_type, url=svc.upload_url)
+    assert status == 413 and "limit of 1048576 bytes" in detail and sent < 64 << 20, (status, detail, sent)
+    # the same to the Serve port: refused from the headers (421), the body never parsed
+    chunks = (head if i == 0 else b"\0" * (1 << 20) for i in range(2049))
+    status, detail, sent = _stream_post(svc, chunks, content_type)
+    assert status == 421 and "upload listener" in detail and sent < 1 << 31
+    # a 1 GB JSON body to the listener: 413 at the byte limit, the rest never sent
+    chunks = (b'{"items": [{"identity": "' if i == 0 else b"x" * 65536 for i in range(16384))
+    status, detail, sent = _stream_post(svc, chunks, url=svc.upload_url)
+    assert status == 413 and "serve.max_body_kb" in detail and sent < 64 << 20, (status, detail, sent)
 
 
 def test_tokens_tenants_and_bearer_case(service):
