@@ -176,3 +176,29 @@ def test_checker_flags_an_open_cluster():
                      "dashboard-host 0.0.0.0 without token auth", "NodePort", "written inline",
                      "worker group w"):
         assert expected in text, text
+
+
+def test_rayservice_overrides_make_a_service_that_starts(monkeypatch):
+    """The RayService's `args.overrides` compose into a ServeJob whose state
+    checks pass (`serve/app.py::_state`, what `build_app` runs first), with
+    every DHEADS_* variable its containers take from Secrets set: an `s3://`
+    job store, say, would be refused at start."""
+    from dheads.platform.config import compose
+    from dheads.serve import app
+
+    for path in _manifests():
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not doc or doc.get("kind") != "RayService":
+                continue
+            serve_cfg = yaml.safe_load(doc["spec"]["serveConfigV2"])
+            head = doc["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+            for name, e in _env(head).items():
+                if name.startswith("DHEADS_") and "secretKeyRef" in str(e.get("valueFrom")):
+                    monkeypatch.setenv(name, "postgresql://u:p@db.invalid/dheads"
+                                       if name == app.JOB_STORE_ENV else "x" * 40)
+            for application in serve_cfg["applications"]:
+                assert application["import_path"] == "dheads.serve.app:app_builder"
+                cfg = compose("serve", list(application["args"]["overrides"]))
+                job_store, upload_dir = app._state(cfg.serve)
+                assert job_store.startswith("postgresql://") and upload_dir.startswith("s3://"), (
+                    path.name, job_store, upload_dir)
