@@ -8,6 +8,7 @@ with no Ray. The product's paths are `dheads dub` (jobs/dub.py) and
 """
 from __future__ import annotations
 
+import socket
 import wave
 from pathlib import Path
 
@@ -80,3 +81,10 @@ def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int = 16000) -> 
         w.setsampwidth(2)
         w.setframerate(sample_rate)
         w.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
+
+
+def free_port() -> int:
+    """A free TCP port of 127.0.0.1 (for the Serve instances the benchmarks start)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

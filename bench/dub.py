@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -101,7 +100,7 @@ def serve_vs_offline(ckpt: str, tmp: Path, n: int, seconds: float, batch: int, s
     import requests
     from ray import serve
 
-    from _dubbing import dub_items
+    from _dubbing import dub_items, free_port
 
     from dheads.platform.config import DubConfig, compose
     from dheads.platform.dubbing.items import ItemStatus
@@ -118,9 +117,7 @@ def serve_vs_offline(ckpt: str, tmp: Path, n: int, seconds: float, batch: int, s
         assert all(r.status == ItemStatus.succeeded for r in results), results
         return time.perf_counter() - t
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     token = "bench-" + os.urandom(16).hex()   # the service refuses tokens under 32 characters
     scfg = compose("serve", [
         f"checkpoint={ckpt}", f"sampler.steps=ddim{steps}", f"serve.port={port}",

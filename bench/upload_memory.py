@@ -33,7 +33,6 @@ import argparse
 import http.client
 import json
 import os
-import socket
 import tempfile
 import threading
 import uuid
@@ -44,12 +43,6 @@ RUN_KEYS = ("status", "port", "upload_mb", "limit_mb", "ingress_rss_baseline_mb"
             "ingress_rss_growth_mb", "ingress_rss_after_mb", "proxy_rss_growth_mb", "samples")
 JSON_KEYS = ("bench", "upload_mb", "cpu_count", "smoke",
              *(f"{run}.{k}" for run in ("serve_port", "refused", "admitted") for k in RUN_KEYS))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pids(title: bytes) -> list[int]:
@@ -163,13 +156,13 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from _dubbing import speech, tiny_checkpoint, write_wav
+    from _dubbing import free_port, speech, tiny_checkpoint, write_wav
 
     tmp = Path(tempfile.mkdtemp(prefix="dheads-bench-upload-"))
     ckpt = str(tiny_checkpoint(tmp / "ckpt"))
     write_wav(tmp / "a.wav", speech(1.0))
     wav = (tmp / "a.wav").read_bytes()
-    ports = (_free_port(), _free_port())   # one Serve instance: its HTTP port, the upload listener's
+    ports = (free_port(), free_port())   # one Serve instance: its HTTP port, the upload listener's
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         out = {"bench": "upload_memory", "upload_mb": args.upload_mb, "cpu_count": os.cpu_count(),

@@ -56,7 +56,8 @@ from ray import serve
 
 from dheads.platform import storage
 from dheads.platform.config import ServeJob
-from dheads.platform.dubbing.items import DubItem, DubResult, ItemError, ItemStatus, check_job_items
+from dheads.platform.dubbing.items import (DubItem, DubResult, ItemError, ItemStatus, check_job_items,
+                                           identity_frame_problem)
 from dheads.platform.media import AUDIO_EXTS, IMAGE_EXTS, VIDEO_EXTS
 from dheads.serve import limits
 from dheads.serve.jobstore import ItemRecord, JobRecord, JobStore
@@ -168,9 +169,9 @@ def _media_problem(item: ItemRecord, cfg: ServeJob) -> Optional[tuple[int, str]]
             return 413, (f"identity image is {w}x{h} = {w * h / 1e6:.0f} MP, over the limit of "
                          f"{d.max_image_pixels / 1e6:g} MP (dub.max_image_pixels; read from the header)")
     else:
-        frame = d.identity_frame if item.identity_frame is None else item.identity_frame
-        if frame > d.max_identity_frame:
-            return 422, f"identity_frame {frame} is over the limit of {d.max_identity_frame} (dub.max_identity_frame)"
+        problem = identity_frame_problem(d.identity_frame if item.identity_frame is None else item.identity_frame, d)
+        if problem:
+            return 422, problem
     seconds = limits.audio_seconds(item.audio, cfg.storage)
     if seconds is not None and seconds > cfg.serve.max_audio_s:
         return 422, f"audio is {seconds:.1f} s, over the limit of {cfg.serve.max_audio_s:g} s (serve.max_audio_s)"

@@ -29,6 +29,13 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
+def free_port():
+    """A function that returns a free TCP port of 127.0.0.1 (the one helper
+    for every test that starts a server)."""
+    return _free_port
+
+
+@pytest.fixture(scope="session")
 def ray_session():
     """A local Ray instance shared by the whole test session."""
     import ray

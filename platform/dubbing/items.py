@@ -111,13 +111,23 @@ def load_identity(uri: str, size: int, cfg: DubConfig, frame: Optional[int] = No
             image = read_image(path, max_pixels=cfg.max_image_pixels)
         else:  # decoded only up to that frame; past the end: the last one
             index = cfg.identity_frame if frame is None else frame
-            if index > cfg.max_identity_frame:
-                raise ItemError(f"identity_frame {index} is over the limit of {cfg.max_identity_frame} "
-                                "(an identity video is decoded up to its frame)")
+            problem = identity_frame_problem(index, cfg)
+            if problem:
+                raise ItemError(problem)
             image = read_frame(path, index, fps=FPS)
     detector = FaceDetector(cfg.face_detector)
     boxes = crop_boxes(face_track(image[None], detector), cfg.face_margin, detector)
     return crop_resize(image[None], boxes, size)[0]
+
+
+def identity_frame_problem(index: int, cfg: DubConfig) -> Optional[str]:
+    """Why frame `index` of an identity video may not be used, or None: the
+    video is decoded up to that frame, so `dub.max_identity_frame` bounds it
+    (checked at submission by the service and when the item runs)."""
+    if index > cfg.max_identity_frame:
+        return (f"identity_frame {index} is over the limit of {cfg.max_identity_frame} "
+                "(dub.max_identity_frame; an identity video is decoded up to its frame)")
+    return None
 
 
 def load_audio(uri: str, storage_cfg: StorageConfig | None = None,
@@ -203,5 +213,5 @@ def finish_item(output: str, segments: list[Segment], frames: dict[int, np.ndarr
 
 
 __all__ = ["ItemError", "ItemStatus", "FINAL_STATUSES", "DubItem", "DubResult", "PreparedItem",
-           "check_job_items",
+           "check_job_items", "identity_frame_problem",
            "load_identity", "load_audio", "prepare_item", "write_output", "finish_item"]

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,21 +22,15 @@ from dheads.platform.submit import auth_headers, main
 VENV_BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def ray_head():
+def ray_head(free_port):
     """A Ray head with the dashboard on a free port of 127.0.0.1: yields its URL.
 
     `ray start --block` keeps its daemons as children and stops them when it
     is terminated, so the test ends only what it started (never `ray stop`,
     which would stop every Ray instance on the machine).
     """
-    dash, gcs = _free_port(), _free_port()
+    dash, gcs = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: unix socket paths
     env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
@@ -45,8 +38,8 @@ def ray_head():
         [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={gcs}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
          # fixed defaults (52365 ...) collide with other Ray instances on the machine
-         f"--dashboard-agent-listen-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
-         f"--metrics-export-port={_free_port()}",
+         f"--dashboard-agent-listen-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+         f"--metrics-export-port={free_port()}",
          "--num-cpus=1", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"

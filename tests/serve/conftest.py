@@ -8,19 +8,12 @@ import glob
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 import uuid
 
 import pytest
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _bindir() -> str:
@@ -31,7 +24,7 @@ def _bindir() -> str:
 
 
 @pytest.fixture(scope="session")
-def postgres_server():
+def postgres_server(free_port):
     """A PostgreSQL server on 127.0.0.1 (trust auth, loopback only); yields a
     function that creates a fresh database and returns its URL."""
     bindir = _bindir()
@@ -45,7 +38,7 @@ def postgres_server():
         as_user = ["runuser", "-u", "postgres", "--"]
     subprocess.run([*as_user, f"{bindir}/initdb", "-D", data, "-U", "postgres", "--auth=trust",
                     "-E", "UTF8", "--no-sync"], check=True, capture_output=True, timeout=300)
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([*as_user, f"{bindir}/postgres", "-D", data, "-p", str(port),
                              "-h", "127.0.0.1", "-k", data, "-c", "fsync=on"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

@@ -63,12 +63,6 @@ class Service:
         raise AssertionError(f"job {job_id} not done in {timeout} s: {r.status_code} {r.text}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _mp4_with_audio(path, seconds: float, seed: int, inputs) -> None:
     n = int(seconds * 25)
     frames = np.repeat(inputs.face_image(seed, 32)[None], n, 0)
@@ -76,7 +70,7 @@ def _mp4_with_audio(path, seconds: float, seed: int, inputs) -> None:
 
 
 @pytest.fixture(scope="module")
-def service(ray_session, s3_server, tmp_path_factory, dub_inputs):
+def service(ray_session, s3_server, tmp_path_factory, dub_inputs, free_port):
     import boto3
     from ray import serve
     from PIL import Image
@@ -105,7 +99,7 @@ def service(ray_session, s3_server, tmp_path_factory, dub_inputs):
     for p in tmp.iterdir():
         if p.is_file():
             storage.upload_file(p, inputs[p.name], st)
-    port, upload_port = _free_port(), _free_port()
+    port, upload_port = free_port(), free_port()
     mk.huge_png(tmp / "huge.png", 12000, 12000)                  # valid header, 144 MP
     for p in [tmp / "huge.png"]:
         storage.upload_file(p, storage.join(f"s3://{bucket}/in", p.name), st)
