@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 # (`recipe`: experiment=benchmark_cpu's).
 PAPER = ["diffusion=paper", "model.motion.train_noise_max=0.0", "model.motion.infer_noise=0.0",
          "model.motion.embed_noise=false"]
-MOTION_NOISE = ["model.motion.train_noise_max=0.5", "model.motion.infer_noise=0.05",
+MOTION_NOISE = ["model.motion.train_noise_max=0.5", "model.motion.infer_noise=0.1",
                 "model.motion.embed_noise=true"]
 ARMS = {
     "paper": [],
