@@ -183,6 +183,7 @@ class ServeConfig:
     # it reads a body only as fast as it is handled (Serve's proxy buffers
     # bodies whole); the Serve port then refuses multipart (421). null: off.
     upload_port: Optional[int] = 8001
+    max_upload_connections: int = 32     # requests open on the upload listener at once; more: 503
     lease_s: float = 30.0                # an ingress holds an item this long between renewals
     max_attempts: int = 3                # claims of an item before it fails with its last error
     poll_s: float = 1.0                  # how often an ingress renews leases and claims items

@@ -200,7 +200,8 @@ class DubbingAPI:
         self.runner = JobRunner(cfg, model, self.store, self.metrics)
         self.runner.start()
         self.listener = None if s.upload_port is None else UploadListener(
-            self._accept, self.healthz, s.host, s.upload_port, JobAccepted).start()
+            self._accept, self.healthz, s.host, s.upload_port, JobAccepted,
+            max_connections=s.max_upload_connections).start()
 
     # ------------------------------------------------------------- helpers
     def _authorize(self, request: Request) -> str:

@@ -10,7 +10,8 @@ dheads' parser does with it.
 
 So every ingress replica also serves `POST /v1/jobs` (multipart uploads and
 JSON jobs, the same handler, token and limits as the Serve route) and
-`GET /healthz` on `serve.host:serve.upload_port` with uvicorn directly.
+`GET /healthz` on `serve.host:serve.upload_port` with uvicorn directly,
+at most `serve.max_upload_connections` requests at once (503 past it).
 uvicorn stops reading the socket while more than 64 KB of body wait for the
 handler (`uvicorn/protocols/http/flow_control.py`), so TCP holds the rest on
 the client: an upload costs the ingress about one chunk of memory, however
@@ -55,7 +56,8 @@ def bind(host: str, port: int) -> socket.socket:
 class UploadListener:
     """uvicorn on an already bound socket, in the caller's event loop."""
 
-    def __init__(self, submit: Handler, healthz: Handler, host: str, port: int, response_model=None):
+    def __init__(self, submit: Handler, healthz: Handler, host: str, port: int, response_model=None,
+                 max_connections: int = 32):
         import uvicorn
 
         app = FastAPI(title="dheads uploads", docs_url=None, redoc_url=None, openapi_url=None)
@@ -70,9 +72,11 @@ class UploadListener:
 
         self.host, self.sock = host, bind(host, port)
         self.port = self.sock.getsockname()[1]
-        # log_config=None: leave the replica's logging (Ray's) as it is
+        # log_config=None: leave the replica's logging (Ray's) as it is. uvicorn answers
+        # 503 once its open connections, the new one included, reach limit_concurrency.
         config = uvicorn.Config(app, lifespan="off", log_config=None, access_log=False,
-                                timeout_keep_alive=5, server_header=False)
+                                timeout_keep_alive=5, server_header=False,
+                                limit_concurrency=max_connections + 1)
         self.server = uvicorn.Server(config)
         self.task: Optional[asyncio.Task] = None
 
@@ -86,11 +90,8 @@ class UploadListener:
             log.error("upload listener on %s:%s stopped: %r", self.host, self.port, task.exception())
 
     def stop(self) -> None:
+        """Ask uvicorn to finish (it closes the socket itself); thread-safe."""
         self.server.should_exit = True
-        try:
-            self.sock.close()
-        except OSError:
-            pass
 
 
 __all__ = ["UploadListener", "bind"]
