@@ -96,6 +96,10 @@ def run(cfg: ServeJob) -> int:
     app = build_app(cfg)
     connect(cfg.cluster, cfg.storage)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    s = cfg.serve
+    uploads = (f"; uploads (multipart jobs) on http://{s.host}:{s.upload_port}/v1/jobs"
+               if s.upload_port is not None else "")
+    print(f"dheads serve: jobs API on http://{s.host}:{s.port}/v1/jobs{uploads}", flush=True)
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=cfg.blocking)
     return 0
 
