@@ -88,7 +88,9 @@ def _upload(port: int, token: str, upload_mb: int, wav: bytes) -> tuple[int, dic
 
 
 def measure(tmp: Path, ckpt: str, ports: tuple[int, int], upload_mb: int, limit_mb: float, wav: bytes,
-            to_serve_port: bool = False) -> dict:
+            targets: tuple[bool, ...] = (False,)) -> list[dict]:
+    """One deployment with `serve.max_upload_mb = limit_mb`; one upload per
+    target (True: to the Serve port, False: to the upload listener)."""
     from ray import serve
 
     from dheads.platform.config import compose
@@ -110,38 +112,43 @@ def measure(tmp: Path, ckpt: str, ports: tuple[int, int], upload_mb: int, limit_
         warm, _ = _upload(ports[1], token, 1, wav)
         if warm != 202:
             raise SystemExit(f"warm-up upload answered {warm}")
-        baseline = _rss_mb(ingress)
-        proxy_base = {p: _rss_mb(p) for p in proxy}
-        peak, proxy_peak, stop = [baseline], dict(proxy_base), threading.Event()
-
-        def sample():
-            while not stop.wait(0.05):
-                peak.append(_rss_mb(ingress))
-                for p in proxy:
-                    proxy_peak[p] = max(proxy_peak[p], _rss_mb(p))
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        port = ports[0] if to_serve_port else ports[1]
-        status, body = _upload(port, token, upload_mb, wav)
-        stop.wait(1.0)                                   # let the replica settle
-        after = _rss_mb(ingress)
-        stop.set()
-        sampler.join()
-        if status == 202:
-            upload = tmp / f"state-{limit_mb}" / "uploads" / body["job_id"] / "identity.png"
-            if upload.stat().st_size != upload_mb * MB:
-                raise SystemExit(f"upload incomplete on disk: {upload.stat().st_size} bytes")
-        elif status != (421 if to_serve_port else 413):
-            raise SystemExit(f"unexpected answer {status}: {body}")
-        return {"status": status, "port": "serve" if to_serve_port else "upload", "upload_mb": upload_mb, "limit_mb": limit_mb,
-                "ingress_rss_baseline_mb": round(baseline, 1), "ingress_rss_peak_mb": round(max(peak), 1),
-                "ingress_rss_growth_mb": round(max(peak) - baseline, 1),
-                "ingress_rss_after_mb": round(after, 1),
-                "proxy_rss_growth_mb": round(max((proxy_peak[p] - proxy_base[p] for p in proxy), default=0), 1),
-                "samples": len(peak)}
+        return [_one(tmp, ports, token, ingress, proxy, upload_mb, limit_mb, wav, t) for t in targets]
     finally:
         serve.delete(app.APP_NAME)
+
+
+def _one(tmp: Path, ports: tuple[int, int], token: str, ingress: int, proxy: list[int], upload_mb: int,
+         limit_mb: float, wav: bytes, to_serve_port: bool) -> dict:
+    baseline = _rss_mb(ingress)
+    proxy_base = {p: _rss_mb(p) for p in proxy}
+    peak, proxy_peak, stop = [baseline], dict(proxy_base), threading.Event()
+
+    def sample():
+        while not stop.wait(0.05):
+            peak.append(_rss_mb(ingress))
+            for p in proxy:
+                proxy_peak[p] = max(proxy_peak[p], _rss_mb(p))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    port = ports[0] if to_serve_port else ports[1]
+    status, body = _upload(port, token, upload_mb, wav)
+    stop.wait(1.0)                                   # let the replica settle
+    after = _rss_mb(ingress)
+    stop.set()
+    sampler.join()
+    if status == 202:
+        upload = tmp / f"state-{limit_mb}" / "uploads" / body["job_id"] / "identity.png"
+        if upload.stat().st_size != upload_mb * MB:
+            raise SystemExit(f"upload incomplete on disk: {upload.stat().st_size} bytes")
+    elif status != (421 if to_serve_port else 413):
+        raise SystemExit(f"unexpected answer {status}: {body}")
+    return {"status": status, "port": "serve" if to_serve_port else "upload", "upload_mb": upload_mb, "limit_mb": limit_mb,
+            "ingress_rss_baseline_mb": round(baseline, 1), "ingress_rss_peak_mb": round(max(peak), 1),
+            "ingress_rss_growth_mb": round(max(peak) - baseline, 1),
+            "ingress_rss_after_mb": round(after, 1),
+            "proxy_rss_growth_mb": round(max((proxy_peak[p] - proxy_base[p] for p in proxy), default=0), 1),
+            "samples": len(peak)}
 
 
 def main() -> None:
@@ -167,9 +174,10 @@ def main() -> None:
     try:
         out = {"bench": "upload_memory", "upload_mb": args.upload_mb, "cpu_count": os.cpu_count(),
                "smoke": args.smoke,
-               "serve_port": measure(tmp, ckpt, ports, args.upload_mb, refused_limit, wav, to_serve_port=True),
-               "refused": measure(tmp, ckpt, ports, args.upload_mb, refused_limit, wav),
-               "admitted": measure(tmp, ckpt, ports, args.upload_mb, args.upload_mb + 16, wav)}
+               }
+        out["serve_port"], out["refused"] = measure(tmp, ckpt, ports, args.upload_mb, refused_limit, wav,
+                                                    targets=(True, False))
+        [out["admitted"]] = measure(tmp, ckpt, ports, args.upload_mb, args.upload_mb + 16, wav)
     finally:
         serve.shutdown()
         ray.shutdown()
