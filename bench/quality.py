@@ -4,7 +4,8 @@ long-clip test (drift over 30 s, seams between dubbing segments).
 
     python bench/quality.py --checkpoint runs/benchmark-cpu/export \
         [--val ../shared/benchmark/val] [--clips 0] [--seconds 0] \
-        [--samplers default,trailing20,ddim20,respaced100+rho0.9] [--long-clip] \
+        [--samplers default,trailing20,ddim20,respaced100+rho0.9] [--long-clip 30] \
+        [--long-clip-samplers default,default+lead4+xfade6] \
         [--out runs/quality] [--smoke]
 
 Every val clip (`--clips 0`: all 40; `--seconds 0`: at full length) is
@@ -24,8 +25,11 @@ UNet under bf16 autocast on CPUs that have it), and are scored by
 - `samplers`: one row per sampler spec — `default` (SamplerConfig's
   defaults), `trailingN` / `ddimN` (DDIM η = 0 over trailing or
   guided-diffusion spacing), `respacedN` (ancestral, the paper's), each
-  optionally `+rhoX` (frame-to-frame noise correlation) and `+sigmaY`
-  (inference motion-frame noise instead of the checkpoint's);
+  optionally `+rhoX` (frame-to-frame noise correlation), `+sigmaY`
+  (inference motion-frame noise instead of the checkpoint's), `+etaZ`
+  (DDIM stochasticity) and `+stabN` (reset the older motion frame to the
+  identity every N frames, the official `stabilize`; `+stab0`: never),
+  `+xfadeN` / `+leadN` (the dubbing segments' cross-fade and lead-in frames);
 - `long_clip` (`--long-clip`): a 30 s clip of an unseen identity made with
   `dheads synth`, dubbed in segments of ≤ 8 s: upper-face PSNR against the
   reference over the first and the last 5 s, the same for the reference's
@@ -107,7 +111,8 @@ def at_resolution(size: int):
 
 
 def parse_sampler(spec: str):
-    """A sampler spec (see the module docstring) -> (SamplerConfig, motion σ override or None)."""
+    """A sampler spec (see the module docstring) -> (SamplerConfig, the
+    `DubConfig` overrides it names: motion σ, stabilize)."""
     from dheads.model.config import SamplerConfig, SamplerKind
 
     name, *mods = spec.split("+")
@@ -120,16 +125,28 @@ def parse_sampler(spec: str):
         steps = name[len("respaced"):].lstrip("-")
         cfg = dataclasses.replace(default, kind=SamplerKind.respaced, steps=steps, eta=1.0)
     else:
-        raise SystemExit(f"unknown sampler {spec!r} (default, trailingN, ddimN, respacedN[+rhoX][+sigmaY])")
-    sigma = None
+        raise SystemExit(f"unknown sampler {spec!r} "
+                         "(default, trailingN, ddimN, respacedN[+rhoX][+sigmaY][+etaZ][+stabN][+xfadeN][+leadN])")
+    dub: dict = {}
     for m in mods:
-        if m.startswith("rho"):
-            cfg = dataclasses.replace(cfg, noise_correlation=float(m[3:]))
-        elif m.startswith("sigma"):
-            sigma = float(m[5:])
-        else:
-            raise SystemExit(f"unknown sampler modifier {m!r} in {spec!r}")
-    return cfg, sigma
+        try:
+            if m.startswith("rho"):
+                cfg = dataclasses.replace(cfg, noise_correlation=float(m[3:]))
+            elif m.startswith("sigma"):
+                dub["motion_noise"] = float(m[5:])
+            elif m.startswith("eta") and cfg.kind == SamplerKind.ddim:
+                cfg = dataclasses.replace(cfg, eta=float(m[3:]))
+            elif m.startswith("stab"):
+                dub["stabilize_every"] = int(m[4:])
+            elif m.startswith("xfade"):
+                dub["crossfade_frames"] = int(m[5:])
+            elif m.startswith("lead"):
+                dub["lead_in_frames"] = int(m[4:])
+            else:
+                raise ValueError
+        except ValueError:
+            raise SystemExit(f"unknown sampler modifier {m!r} in {spec!r}") from None
+    return cfg, dub
 
 
 def dub_all(checkpoint: str, spec: str, items, n_slots: int, threads: int = 0) -> tuple[list, float]:
@@ -140,8 +157,8 @@ def dub_all(checkpoint: str, spec: str, items, n_slots: int, threads: int = 0) -
     from dheads.platform.dubbing.engine import build_engine
     from dheads.platform.dubbing.items import ItemStatus
 
-    sampler, sigma = parse_sampler(spec)
-    cfg = DubConfig(batch_size=max(1, n_slots), num_threads=threads, motion_noise=sigma)
+    sampler, overrides = parse_sampler(spec)
+    cfg = DubConfig(batch_size=max(1, n_slots), num_threads=threads, **overrides)
     engine = build_engine(checkpoint, sampler, cfg)
     t = time.time()
     results = dub_items(engine, items, cfg)
@@ -153,13 +170,14 @@ def dub_all(checkpoint: str, spec: str, items, n_slots: int, threads: int = 0) -
 
 
 def long_clip(checkpoint: str, spec: str, out: Path, seconds: float, threads: int = 0) -> dict:
-    """Drift over a long unseen clip and the seams between its dubbing segments."""
+    """Drift over a long unseen clip and the seams between its dubbing
+    segments, dubbed with sampler `spec`."""
     from dheads.jobs.evaluation import metrics as M
     from dheads.jobs.evaluation.mouth import face_regions
     from dheads.jobs.synth import run as synth
     from dheads.platform.config import DubConfig, SynthJob
     from dheads.platform.dubbing.items import DubItem
-    from dheads.platform.dubbing.segments import frame_energy, plan_segments, FPS
+    from dheads.platform.dubbing.segments import FPS, segment_bounds
     from dheads.platform.media import read_video
 
     src = out / "long_clip"
@@ -168,7 +186,7 @@ def long_clip(checkpoint: str, spec: str, out: Path, seconds: float, threads: in
     row = json.loads((src / "manifest.jsonl").read_text().splitlines()[0])
     video = src / row["video"]
     item = DubItem(item_id="long", identity=str(video), audio=str(video),
-                   output=str(out / "long_clip_generated" / "long.mp4"), identity_frame=0)
+                   output=str(out / f"long_clip_{spec}" / "long.mp4"), identity_frame=0)
     _, wall = dub_all(checkpoint, spec, [item], n_slots=8, threads=threads)
     ref, gen = read_video(video), read_video(item.output)
     g, r = M.match_frames(gen.frames, ref.frames)
@@ -179,15 +197,20 @@ def long_clip(checkpoint: str, spec: str, out: Path, seconds: float, threads: in
     still = np.broadcast_to(r[:1, :upper], r[:, :upper].shape)
     drift_ref = M.psnr(r[:, :upper], still)
     # where the engine cut the audio (the segment plan is a pure function of it)
-    cfg = DubConfig()
-    bounds = plan_segments(frame_energy(ref.audio, len(r)), int(round(cfg.max_segment_s * FPS)),
-                           int(round(cfg.min_segment_s * FPS)), cfg.crossfade_frames)
+    cfg = DubConfig(**parse_sampler(spec)[1])
+    seams = [s for s, _ in segment_bounds(ref.audio, cfg)[1:]]
     change = np.abs(np.diff(g.astype(np.float32), axis=0)).mean(axis=(1, 2, 3))  # change[i]: i -> i+1
-    seams = [s for s, _ in bounds[1:]]
     # a joint is cross-faded over crossfade_frames: look at every change inside it
-    at_seams = [change[max(0, s - 1): s + cfg.crossfade_frames].max() for s in seams]
+    width = cfg.crossfade_frames + 1
+    window = np.array([change[i: i + width].max() for i in range(len(change) - width + 1)])
+    at_seams = [window[max(0, s - 1)] for s in seams]
     median = float(np.median(change)) or 1e-9
-    return {"seconds": round(len(g) / FPS, 2), "segments": len(bounds), "sampler": spec,
+    # the same window away from the joints: how far a seam stands out of the clip's own flicker
+    away = np.ones(len(window), bool)
+    for s in seams:
+        away[max(0, s - 1 - width): s + width] = False
+    elsewhere = window[away] / median if away.any() else np.array([np.nan])
+    return {"seconds": round(len(g) / FPS, 2), "segments": len(seams) + 1, "sampler": spec,
             "wall_s": round(wall, 1),
             "psnr_upper_first5s": round(float(psnr[:n5].mean()), 2),
             "psnr_upper_last5s": round(float(psnr[-n5:].mean()), 2),
@@ -198,13 +221,16 @@ def long_clip(checkpoint: str, spec: str, out: Path, seconds: float, threads: in
             "ref_psnr_vs_identity_first5s": round(float(drift_ref[:n5].mean()), 2),
             "ref_psnr_vs_identity_last5s": round(float(drift_ref[-n5:].mean()), 2),
             "seam_ratio": round(float(max(at_seams) / median), 2) if at_seams else None,
+            # the seam ratio's statistic over every other window of the same width
+            "window_ratio_elsewhere_p50": round(float(np.percentile(elsewhere, 50)), 2),
+            "window_ratio_elsewhere_p90": round(float(np.percentile(elsewhere, 90)), 2),
             "seam_changes": [round(float(c), 3) for c in at_seams],
             "median_change": round(median, 3)}
 
 
 def evaluate_checkpoint(checkpoint: str, val: str, out: Path, samplers: list[str], clips: int = 0,
                         seconds: float = 0.0, threads: int = 0, smoke: bool = False,
-                        long_seconds: float = 0.0) -> dict:
+                        long_seconds: float = 0.0, long_samplers: list[str] | None = None) -> dict:
     """The quality document of `checkpoint` (see the module docstring); also
     written to `out/quality_full.json`."""
     from dheads.jobs.evaluation import evaluate
@@ -243,11 +269,19 @@ def evaluate_checkpoint(checkpoint: str, val: str, out: Path, samplers: list[str
         result["samplers"].append(row)
         print(f"[quality] {spec}: " + json.dumps({k: v for k, v in row.items() if k != "all"}),
               flush=True)
-    if long_seconds:
-        result["long_clip"] = long_clip(checkpoint, samplers[0], out, long_seconds, threads)
-        print(f"[quality] long clip: {json.dumps(result['long_clip'])}", flush=True)
+    long_samplers = long_samplers or samplers[:1]
+    if long_seconds and long_samplers:
+        result["long_clips"] = []
+        for spec in long_samplers:
+            result["long_clips"].append(long_clip(checkpoint, spec, out, long_seconds, threads))
+            print(f"[quality] long clip: {json.dumps(result['long_clips'][-1])}", flush=True)
+        result["long_clip"] = result["long_clips"][0]
     (out / "quality_full.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+def split_specs(specs: str) -> list[str]:
+    return [s for s in specs.split(",") if s]
 
 
 def main() -> None:
@@ -256,8 +290,10 @@ def main() -> None:
     ap.add_argument("--val", default=None, help="default: the benchmark's val/")
     ap.add_argument("--clips", type=int, default=0, help="0: all")
     ap.add_argument("--seconds", type=float, default=0.0, help="0: full length")
-    ap.add_argument("--samplers", default="default")
+    ap.add_argument("--samplers", default="default", help="'': val clips not dubbed")
     ap.add_argument("--long-clip", type=float, default=30.0, help="seconds of the long clip; 0: skip")
+    ap.add_argument("--long-clip-samplers", default="",
+                    help="sampler specs for the long clip (default: the first of --samplers)")
     ap.add_argument("--out", default="runs/quality")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--smoke", action="store_true", help="seconds, tiny inputs (the test suite)")
@@ -276,8 +312,9 @@ def main() -> None:
         args.val = str(benchmark_dir() / "val")
     if not args.checkpoint:
         raise SystemExit("--checkpoint is required (or --smoke)")
-    result = evaluate_checkpoint(args.checkpoint, args.val, out, args.samplers.split(","),
-                                 args.clips, args.seconds, args.threads, args.smoke, args.long_clip)
+    result = evaluate_checkpoint(args.checkpoint, args.val, out, split_specs(args.samplers),
+                                 args.clips, args.seconds, args.threads, args.smoke, args.long_clip,
+                                 split_specs(args.long_clip_samplers))
     (out / "quality.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
 
