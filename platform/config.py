@@ -128,6 +128,9 @@ class DubConfig:
     max_segment_s: float = 8.0
     min_segment_s: float = 2.0
     crossfade_frames: int = 3
+    # a segment after the first starts this many frames before its cut and
+    # drops them (its start-up frames; segments.py)
+    lead_in_frames: int = 0
     batch_size: int = 16                 # concurrent segments per model worker
     num_workers: int = 1
     use_gpu: bool = False

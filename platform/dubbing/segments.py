@@ -4,7 +4,10 @@ An item's audio is cut at low-energy frames into segments of at most
 `DubConfig.max_segment_s`. Every segment is an independent unit that starts
 from the identity frame, so the segments of one item run side by side. Each
 segment but the last runs `crossfade_frames` past its end; `stitch` blends
-that tail into the next segment's first frames.
+that tail into the next segment's first frames. Each segment but the first
+starts `lead_in_frames` before its cut and those frames are dropped: the
+first frames a segment makes, while its motion frames are still copies of
+the identity, move more than the rest (`bench/quality.py --long-clip`).
 
 A segment carries its own audio with `PAD_FRAMES` frames of context either
 side, so its audio features equal those of the whole item, and so the item's
@@ -94,6 +97,7 @@ class Segment:
     audio: np.ndarray           # [(n_frames + 2 PAD_FRAMES) * 640] float32: frames [start - PAD, start + n_frames + PAD)
     item_frames: int            # frames of the whole item (audio windows clamp at its ends)
     seed: int = 0
+    lead: int = 0               # the first `lead` frames generated are dropped (the lead-in)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -104,7 +108,7 @@ class Segment:
         h, w = self.identity.shape[:2]
         return {"item_id": self.item_id, "index": self.index, "count": self.count,
                 "start": self.start, "n_frames": self.n_frames, "item_frames": self.item_frames,
-                "seed": self.seed, "height": h, "width": w,
+                "seed": self.seed, "lead": self.lead, "height": h, "width": w,
                 "identity": np.ascontiguousarray(self.identity, np.uint8).tobytes(),
                 "audio": np.ascontiguousarray(self.audio, np.float32).tobytes()}
 
@@ -116,13 +120,29 @@ class Segment:
                    int(row["n_frames"]),
                    np.frombuffer(row["identity"], np.uint8).reshape(h, w, 3).copy(),
                    np.frombuffer(row["audio"], np.float32).copy(), int(row["item_frames"]),
-                   seed=int(row["seed"]))
+                   seed=int(row["seed"]), lead=int(row["lead"]))
 
 
 # the columns of `Segment.to_row`, with the values a row that is not a segment carries
 EMPTY_SEGMENT_ROW = {"item_id": "", "index": 0, "count": 0, "start": 0, "n_frames": 0,
-                     "item_frames": 0, "seed": 0, "height": 0, "width": 0,
+                     "item_frames": 0, "seed": 0, "lead": 0, "height": 0, "width": 0,
                      "identity": b"", "audio": b""}
+
+
+def lead_in(cfg: DubConfig) -> int:
+    """Frames a segment after the first generates before its cut, and drops:
+    `lead_in_frames`, kept below `min_segment_s` so it never reaches back
+    past the previous cut."""
+    return max(0, min(int(cfg.lead_in_frames), int(round(cfg.min_segment_s * FPS)) - 1))
+
+
+def segment_bounds(audio: np.ndarray, cfg: DubConfig) -> list[tuple[int, int]]:
+    """The `(start, end)` frame ranges `segment_item` cuts `audio` [S] into
+    (before the cross-fade tails and lead-ins): every segment, with both,
+    is at most `max_segment_s` long."""
+    n = n_video_frames(len(audio))
+    return plan_segments(frame_energy(audio, n), int(round(cfg.max_segment_s * FPS)),
+                         int(round(cfg.min_segment_s * FPS)), cfg.crossfade_frames + lead_in(cfg))
 
 
 def segment_item(item_id: str, identity: np.ndarray, audio: np.ndarray, cfg: DubConfig,
@@ -130,18 +150,19 @@ def segment_item(item_id: str, identity: np.ndarray, audio: np.ndarray, cfg: Dub
     """Split an item's audio `[S]` (16 kHz) into `Segment`s at low-energy
     points; segment i is seeded `segment_seed(seed, i)`."""
     n = n_video_frames(len(audio))
-    bounds = plan_segments(frame_energy(audio, n), int(round(cfg.max_segment_s * FPS)),
-                           int(round(cfg.min_segment_s * FPS)), cfg.crossfade_frames)
+    bounds = segment_bounds(audio, cfg)
     padded = np.zeros((n + cfg.crossfade_frames) * SAMPLES_PER_FRAME + 2 * PAD_SAMPLES, np.float32)
     padded[PAD_SAMPLES: PAD_SAMPLES + min(len(audio), n * SAMPLES_PER_FRAME)] = \
         audio[: n * SAMPLES_PER_FRAME]
     segments = []
     for i, (s, e) in enumerate(bounds):
-        length = e - s + (min(cfg.crossfade_frames, bounds[i + 1][1] - bounds[i + 1][0])
-                          if i + 1 < len(bounds) else 0)
-        lo, hi = s * SAMPLES_PER_FRAME, (s + length) * SAMPLES_PER_FRAME + 2 * PAD_SAMPLES
-        segments.append(Segment(item_id, i, len(bounds), s, length, identity,
-                                padded[lo:hi].copy(), n, seed=segment_seed(seed, i)))
+        lead = min(lead_in(cfg), s)
+        length = lead + e - s + (min(cfg.crossfade_frames, bounds[i + 1][1] - bounds[i + 1][0])
+                                 if i + 1 < len(bounds) else 0)
+        lo = (s - lead) * SAMPLES_PER_FRAME
+        hi = lo + length * SAMPLES_PER_FRAME + 2 * PAD_SAMPLES
+        segments.append(Segment(item_id, i, len(bounds), s - lead, length, identity,
+                                padded[lo:hi].copy(), n, seed=segment_seed(seed, i), lead=lead))
     return segments
 
 
@@ -193,10 +214,12 @@ def assemble(segments: list[Segment], frames: dict[int, np.ndarray]) -> tuple[np
     count = segments[0].count
     if len({s.index for s in segments}) != count or set(frames) != {s.index for s in segments}:
         raise ValueError(f"{len(frames)} of {count} segments came back")
-    video = stitch([(s.start, frames[s.index]) for s in segments], segments[0].item_frames)
+    video = stitch([(s.start + s.lead, frames[s.index][s.lead:]) for s in segments],
+                   segments[0].item_frames)
     return video, item_audio(segments)
 
 
 __all__ = ["SAMPLE_RATE", "FPS", "SAMPLES_PER_FRAME", "PAD_FRAMES", "Segment", "EMPTY_SEGMENT_ROW",
+           "lead_in", "segment_bounds",
            "segment_seed", "n_video_frames", "frame_energy", "plan_segments", "segment_item", "item_audio",
            "stitch", "assemble"]

@@ -10,8 +10,8 @@ from dheads.platform.config import DubConfig
 from dheads.platform.dubbing.engine import build_engine
 from dheads.platform.dubbing.items import DubItem, ItemError, finish_item, prepare_item
 from dheads.platform.dubbing.segments import (
-    FPS, SAMPLES_PER_FRAME, Segment, assemble, frame_energy, item_audio, plan_segments,
-    segment_item, stitch,
+    FPS, PAD_SAMPLES, SAMPLES_PER_FRAME, Segment, assemble, frame_energy, item_audio,
+    plan_segments, segment_bounds, segment_item, stitch,
 )
 from dheads.platform.media import fit_length, probe, read_audio
 
@@ -57,6 +57,33 @@ def test_segment_item_covers_audio_with_crossfade_tails(speech):
     # cut points are quieter than the typical frame
     e = frame_energy(audio, n)
     assert all(e[s.start] <= np.median(e) for s in segs[1:])
+
+
+def test_lead_in_starts_later_segments_before_their_cut_and_assemble_drops_it(speech):
+    audio = speech(20.0, seed=1)
+    cfg = DubConfig(max_segment_s=8.0, crossfade_frames=3, lead_in_frames=5)
+    segs = segment_item("x", np.zeros((16, 16, 3), np.uint8), audio, cfg)
+    cuts = [s for s, _ in segment_bounds(audio, cfg)]
+    assert len(segs) == 3 and [s.lead for s in segs] == [0, 5, 5]
+    assert [s.start + s.lead for s in segs] == cuts
+    for a, b in zip(segs, segs[1:]):
+        assert a.start + a.n_frames == b.start + b.lead + 3                # the cross-fade after the lead-in
+    assert all(s.n_frames <= 8 * FPS for s in segs)                        # lead-in counts in the limit
+    # a segment's audio window starts PAD frames before its first generated frame
+    n = segs[0].item_frames
+    padded = np.concatenate([np.zeros(PAD_SAMPLES, np.float32), fit_length(audio, n * SAMPLES_PER_FRAME)])
+    b = segs[1]
+    assert np.array_equal(b.audio[:b.n_frames * SAMPLES_PER_FRAME],
+                          padded[b.start * SAMPLES_PER_FRAME:(b.start + b.n_frames) * SAMPLES_PER_FRAME])
+    assert Segment.from_row(b.to_row()).lead == 5
+    # lead-in frames never reach the video: mark them 255, the rest by segment
+    frames = {s.index: np.full((s.n_frames, 2, 2, 3), 10 * (s.index + 1), np.uint8) for s in segs}
+    for s in segs:
+        frames[s.index][:s.lead] = 255
+    video, track = assemble(segs, frames)
+    assert video.shape[0] == n and video.max() < 255
+    assert video[cuts[1] - 1, 0, 0, 0] == 10 and video[cuts[1] + 3, 0, 0, 0] == 20
+    assert np.array_equal(track, fit_length(audio, n * SAMPLES_PER_FRAME))
 
 
 def test_stitch_crossfades_linearly_at_joints():
