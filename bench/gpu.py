@@ -113,7 +113,8 @@ PRESETS = {
     "tiny": ModelConfig(preset="tiny", image_size=64, model_channels=32, channel_mult=[1, 2, 3],
                         num_res_blocks=1, attention_resolutions=[], num_head_channels=32,
                         num_groups=16, audio=AudioConfig(n_mels=40, embed_dim=128),
-                        motion=MotionConfig(train_noise_max=0.5, infer_noise=0.1, embed_noise=True)),
+                        motion=MotionConfig(train_noise_max=0.5, infer_noise=0.15, embed_noise=True,
+                                            stabilize_every=1)),
 }
 SAMPLERS = {"ddim": SamplerConfig(kind=SamplerKind.ddim, steps="trailing20"),
             "respaced": SamplerConfig(kind=SamplerKind.respaced, steps="100", eta=1.0)}
