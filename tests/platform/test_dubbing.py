@@ -46,7 +46,7 @@ def test_segments_cut_at_quiet_frames_and_respect_max_length():
 
 def test_segment_item_covers_audio_with_crossfade_tails(speech):
     audio = speech(20.0, seed=1)
-    cfg = DubConfig(max_segment_s=8.0, crossfade_frames=3)
+    cfg = DubConfig(max_segment_s=8.0, crossfade_frames=3, lead_in_frames=0)
     segs = segment_item("x", np.zeros((16, 16, 3), np.uint8), audio, cfg)
     assert len(segs) == 3 and segs[0].start == 0
     n = len(audio) // SAMPLES_PER_FRAME
