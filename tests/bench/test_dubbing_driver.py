@@ -2,9 +2,6 @@
 real mp4s with the original audio, per-item errors as results."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from dheads.model.config import SamplerConfig
@@ -14,15 +11,10 @@ from dheads.platform.dubbing.items import DubItem, ItemStatus
 from dheads.platform.dubbing.segments import FPS
 from dheads.platform.media import probe
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-
 
 @pytest.fixture(scope="module")
-def driver():
-    spec = importlib.util.spec_from_file_location("bench_dubbing", BENCH / "_dubbing.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def driver(bench_module):
+    return bench_module("_dubbing.py")
 
 
 def test_dub_items_writes_mp4_with_original_audio_and_reports_errors(driver, dub_inputs, tmp_path):

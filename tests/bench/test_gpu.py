@@ -5,7 +5,6 @@ search keeps the largest batch that fits. The --smoke run itself is
 tests/bench/test_smoke.py's; the GPU run is the `gpu` test at the end."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -47,11 +46,8 @@ print("BLOCKED_LOADED " + json.dumps(sorted(m for m in sys.modules if m.split(".
 
 
 @pytest.fixture(scope="module")
-def gpu_bench():
-    spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def gpu_bench(bench_module):
+    return bench_module(SCRIPT.name)
 
 
 def run_script(tmp_path: Path, *args: str) -> tuple[dict, str]:

@@ -3,23 +3,16 @@ refusals (a typo must not silently score the default sampler)."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-from pathlib import Path
 
 import pytest
 
 from dheads.model.config import SamplerConfig, SamplerKind
 from dheads.platform.config import DubConfig
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-
 
 @pytest.fixture(scope="module")
-def quality():
-    spec = importlib.util.spec_from_file_location("bench_quality", BENCH / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def quality(bench_module):
+    return bench_module("quality.py")
 
 
 def test_modifiers_set_the_sampler_and_the_dubbing_overrides(quality):
