@@ -137,26 +137,42 @@ class AncestralSampler(Sampler):
 
 class DDIMSampler(Sampler):
     """DDIM (Song et al. 2021, eq. 12) with σ = η √((1−ᾱ')/(1−ᾱ)) √(1 − ᾱ/ᾱ'),
-    ᾱ' = ᾱ of the previous kept step. η = 0 is deterministic."""
+    ᾱ' = ᾱ of the previous kept step. η = 0 is deterministic; η = 1 is the
+    ancestral step with the posterior variance β̃.
+
+    The coefficients are computed once in float64 (STYLE: schedule math in
+    float64): in float32, 1 − ᾱ' − σ² at the first trailing step (t = T−1,
+    ᾱ ≈ 2e-9) rounds to −6e-8 and its square root is NaN, which turned
+    every frame of an η = 1 run into NaN (tests/model/test_samplers.py)."""
 
     def __init__(self, diffusion: GaussianDiffusion, keep: list[int], eta: float = 0.0,
                  clip_denoised: bool = True):
         super().__init__(diffusion, keep, clip_denoised)
         self.eta = float(eta)
         self.needs_noise = self.eta > 0
+        ab = self.process.alphas_cumprod
+        ab_prev = self.process.alphas_cumprod_prev
+        sigma = self.eta * torch.sqrt((1 - ab_prev) / (1 - ab)) * torch.sqrt((1 - ab / ab_prev).clamp(min=0))
+        self._coef = {"sqrt_ab_prev": torch.sqrt(ab_prev),
+                      "eps_coef": torch.sqrt((1 - ab_prev - sigma ** 2).clamp(min=0)),
+                      "sigma": sigma}
+        self._coef_on: dict = {}
+
+    def _gather(self, name: str, step_idx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        key = (name, step_idx.device)
+        table = self._coef_on.get(key)
+        if table is None:
+            table = self._coef_on[key] = self._coef[name].to(step_idx.device)
+        return table[step_idx].to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
 
     def _step(self, model_out, x_t, step_idx, noise, offset):
-        p = self.process
-        out = p.p_mean_variance(model_out, x_t, step_idx, self.clip_denoised, offset)
-        eps = out["eps"]
-        ab = p._extract("alphas_cumprod", step_idx, x_t)
-        ab_prev = p._extract("alphas_cumprod_prev", step_idx, x_t)
-        sigma = self.eta * torch.sqrt((1 - ab_prev) / (1 - ab)) * torch.sqrt(1 - ab / ab_prev)
-        mean = out["pred_xstart"] * torch.sqrt(ab_prev) + torch.sqrt(1 - ab_prev - sigma ** 2) * eps
+        out = self.process.p_mean_variance(model_out, x_t, step_idx, self.clip_denoised, offset)
+        mean = (out["pred_xstart"] * self._gather("sqrt_ab_prev", step_idx, x_t)
+                + self._gather("eps_coef", step_idx, x_t) * out["eps"])
         if self.eta == 0:
             return mean
         nonzero = (step_idx != 0).to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
-        return mean + nonzero * sigma * self._noise(x_t, noise)
+        return mean + nonzero * self._gather("sigma", step_idx, x_t) * self._noise(x_t, noise)
 
 
 def make_sampler(diffusion: GaussianDiffusion, cfg: SamplerConfig) -> Sampler:

@@ -110,3 +110,29 @@ def test_ancestral_step_matches_closed_form(diffusion):
     post_var = beta * (1 - ab_prev) / (1 - ab)
     log_var = 0.75 * np.log(beta.item()) + 0.25 * np.log(post_var.item())  # frac = (v+1)/2
     torch.testing.assert_close(out, mean + np.exp(0.5 * log_var) * z)
+
+
+@pytest.mark.parametrize("steps", ["trailing5", "trailing20", "ddim10"])
+def test_ddim_eta1_is_finite_and_is_the_posterior_step(steps):
+    """η = 1 from T−1 (ᾱ ≈ 2e-9) once gave NaN frames: 1 − ᾱ' − σ² rounded
+    below 0 in float32. In float64 it is ≥ 0, and DDIM η = 1 is exactly the
+    ancestral step of the respaced process with variance β̃ (DDIM paper §4.1):
+    mean = q(x_{t'} | x_t, x̂₀)'s mean, σ² = β̃."""
+    diffusion = GaussianDiffusion(DiffusionConfig(prediction="x0", identity_residual=True,
+                                                  variance="fixed_small"))
+    s = make_sampler(diffusion, SamplerConfig(kind=SamplerKind.ddim, steps=steps, eta=1.0))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 8, 8, generator=gen)
+    x0 = torch.rand(4, 3, 8, 8, generator=gen) * 1.6 - 0.8
+    out = torch.cat([x0, torch.zeros_like(x0)], dim=1)
+    p = s.process
+    for k in reversed(range(s.num_steps)):
+        idx = torch.full((4,), k)
+        z = torch.randn(x.shape, generator=gen)
+        nxt = s.step(out, x, idx, z, offset=torch.zeros_like(x))
+        assert torch.isfinite(nxt).all(), (steps, k)
+        mean, var, _ = p.q_posterior_mean_variance(x0.double(), x.double(), idx)
+        expected = mean + (k > 0) * var.sqrt() * z.double()
+        torch.testing.assert_close(nxt.double(), expected, atol=2e-5, rtol=1e-4)
+        x = nxt
+    torch.testing.assert_close(x, x0, atol=1e-4, rtol=0)  # the last step lands on x̂₀
