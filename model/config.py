@@ -70,6 +70,32 @@ class AudioConfig:
 
 
 @dataclass
+class MotionPrior:
+    """The generator of head-pose and eye-openness tracks at inference
+    (`model/motionprior.py`), fitted on the training shards' measured tracks
+    by `dheads train` and stored in the checkpoint's JSON config.
+
+    Per pose axis (angle°, tx, ty in 128-px pixels; `platform/facemotion.py`)
+    a damped random walk of the track relative to the identity frame,
+    v_t = φ v_{t−1} − κ (p_{t−1} − μ) + σ ε_t, with μ ~ N(0, μ_std²) per clip
+    (the identity frame's own offset from the head's resting pose) and
+    v_1 ~ N(0, v_std²). Blinks: a per-frame start probability with a
+    refractory gap, each blink the mean eye-openness curve of the training
+    blinks (`blink_shape`; 1 = open)."""
+    fitted: bool = False
+    phi: List[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    kappa: List[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    sigma: List[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    mu_std: List[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    v_std: List[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    blink_rate: float = 0.0          # blink starts per open frame
+    blink_gap: int = 10              # frames from one blink start to the next, at least
+    blink_shape: List[float] = field(default_factory=list)
+    clips: int = 0                   # training clips it was fitted on
+    frames: int = 0
+
+
+@dataclass
 class MotionConfig:
     """The motion frames (the two previous frames, grayscale).
 
@@ -85,6 +111,29 @@ class MotionConfig:
     infer_noise: float = 0.0
     embed_noise: bool = False
     stabilize_every: int = 0
+    # Explicit motion (dheads extension, issue 18): the identity frame is
+    # warped to the target frame's head pose (`model/posewarp.py`), and the
+    # target's eye openness is embedded like the timestep. Both signals are
+    # measured by `dheads preprocess` in training and drawn from `prior` at
+    # inference. A checkpoint whose config lacks them was trained without.
+    pose_warp: bool = False
+    eye_embed: bool = False
+    prior: MotionPrior = field(default_factory=MotionPrior)
+
+    @property
+    def conditioned(self) -> bool:
+        return self.pose_warp or self.eye_embed
+
+    def describe(self) -> str:
+        """What motion conditioning this model has, in words (for `dheads info` / logs)."""
+        if not self.conditioned:
+            return ("no explicit motion conditioning (head pose and blinks come only from the "
+                    "motion frames; trained before pose_warp/eye_embed or without them)")
+        parts = [n for n, on in (("head pose (warped identity)", self.pose_warp),
+                                 ("eye openness", self.eye_embed)) if on]
+        prior = (f"motion prior fitted on {self.prior.clips} clips" if self.prior.fitted
+                 else "no fitted motion prior: the head stays at the identity's pose, eyes open")
+        return "conditioned on " + " and ".join(parts) + "; " + prior
 
 
 @dataclass

@@ -253,7 +253,8 @@ class GaussianDiffusion:
                         noise: Optional[torch.Tensor] = None) -> dict:
         """Diffused Heads loss for a batch. `x0` [B,3,H,W] in [-1,1];
         `cond = dict(identity=[B,3,H,W], motion=[B,2,H,W], audio=[B,W,*feat]
-        [, motion_sigma=[B]])`; `mouth_box` [B,4] pixels. Returns `[B]`
+        [, motion_sigma=[B]] [, eye_open=[B]])` (identity already warped to
+        the target's pose with `motion.pose_warp`); `mouth_box` [B,4] pixels. Returns `[B]`
         tensors `loss`, `mse` (the weighted L_simple), `vlb`, `ls`."""
         b = x0.shape[0]
         if t is None:
@@ -263,8 +264,7 @@ class GaussianDiffusion:
         offset = cond["identity"] if self.cfg.identity_residual else None
         data = x0 if offset is None else x0 - offset
         x_t = self.q_sample(data, t, noise)
-        sigma = cond.get("motion_sigma")
-        extra = {} if sigma is None else {"motion_sigma": sigma}
+        extra = {k: cond[k] for k in ("motion_sigma", "eye_open") if cond.get(k) is not None}
         model_out = model(x_t, t, cond["identity"], cond["motion"], cond["audio"], **extra)
         pred, v = self.split_output(model_out)
         weight = self.loss_weight(t).to(pred.dtype)

@@ -19,7 +19,14 @@ Per frame k of a clip (Diffused Heads, Stypułkowski et al. 2024):
 - audio window: feature rows of frames k−m_y … k+m_y, clamped to the
   clip's frame range (edge frames replicated);
 - x_T ~ N(0, I), then the sampler's steps down to x_0; with the identity
-  residual the frame is x_0 + identity.
+  residual the frame is x_0 + identity;
+- explicit motion (`motion.pose_warp` / `motion.eye_embed`): the clip's
+  head-pose and eye-openness tracks, drawn once per clip from the model's
+  motion prior with `Clip.motion_seed` (`model/motionprior.py`) over the
+  whole item (`frame_lo … frame_hi`), so the segments of one item share one
+  track and the head carries on across their joints. Frame k sees the
+  identity warped to pose[k] (`model/posewarp.py`; also the residual's
+  offset and the motion frames before the clip starts) and eye_open[k].
 
 Randomness is per slot: a `torch.Generator` seeded with the clip's seed
 draws, for each frame in order, the motion noise (if any), x_T, then one
@@ -37,9 +44,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Hashable, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
+from dheads.model import motionprior
+from dheads.model.posewarp import warp_to_pose
 from dheads.model.samplers import Sampler
 
 # ITU-R BT.601 luma, applied to [-1, 1] images
@@ -83,6 +93,7 @@ class Clip:
     row_of_frame0: int = 0
     frame_lo: int = 0
     frame_hi: Optional[int] = None  # None: n_frames - 1
+    motion_seed: Optional[int] = None  # the motion prior's seed (None: `seed`); one per item
 
 
 @dataclass
@@ -95,6 +106,8 @@ class _Slot:
     steps_left: int = 0             # its denoising steps still to run (host copy of step_idx + 1)
     x_T: Optional[torch.Tensor] = None           # the last frame's x_T
     motion_noise: Optional[torch.Tensor] = None  # the last frame's motion-frame noise
+    pose: Optional[torch.Tensor] = None          # [n_frames, 3] head pose per frame (pose_warp)
+    eye_open: Optional[torch.Tensor] = None      # [n_frames] eye openness per frame (eye_embed)
 
 
 class FrameLoop:
@@ -133,6 +146,10 @@ class FrameLoop:
         zeros = lambda *shape: torch.zeros(*shape, device=self.device, dtype=dtype)  # noqa: E731
         self.x_t = zeros(n, 3, h, h)
         self.identity = zeros(n, 3, h, h)
+        self.identity_in = self.identity          # what the UNet sees: warped with pose_warp
+        if cfg.motion.pose_warp:
+            self.identity_in = zeros(n, 3, h, h)
+        self.eye_open = torch.ones(n, device=self.device)
         self.motion = zeros(n, 2, h, h)           # clean previous frames
         self.motion_in = zeros(n, 2, h, h)        # what the UNet sees (noised for the frame)
         self.audio = zeros(n, 2 * self.context + 1, *feature_shape(cfg.audio))
@@ -174,10 +191,27 @@ class FrameLoop:
                     clip.features.to(self.device, self.dtype), clip.n_frames, clip.seed,
                     clip.row_of_frame0, clip.frame_lo, hi)
         self.identity[i] = clip.identity
-        self.motion[i] = grayscale(clip.identity)  # both previous frames = identity ([1,H,W] broadcasts)
-        self.slots[i] = _Slot(clip, gen, hi)
+        slot = self.slots[i] = _Slot(clip, gen, hi)
+        if self.cfg.motion.conditioned:
+            slot.pose, slot.eye_open = self._tracks(clip, hi)
+        start = clip.identity
+        if slot.pose is not None:
+            start = warp_to_pose(clip.identity[None], slot.pose[:1])[0]
+        self.motion[i] = grayscale(start)  # both previous frames = identity ([1,H,W] broadcasts)
         self._start_frame(i)
         return i
+
+    def _tracks(self, clip: Clip, hi: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """This clip's rows of its item's pose and eye tracks (frames
+        frame_lo … hi of the item, drawn from the prior with motion_seed)."""
+        mc = self.cfg.motion
+        first = -clip.frame_lo            # this clip's frame 0 in item frames
+        total = max(hi + 1 - clip.frame_lo, first + clip.n_frames)
+        seed = clip.seed if clip.motion_seed is None else clip.motion_seed
+        pose, eyes = motionprior.sample(mc.prior, total, seed)
+        rows = slice(first, first + clip.n_frames)
+        as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a[rows])).to(self.device)  # noqa: E731
+        return (as_t(pose) if mc.pose_warp else None), (as_t(eyes) if mc.eye_embed else None)
 
     def cancel(self, key: Hashable) -> bool:
         """Drop the clip `key` from its slot now (its frames are discarded)."""
@@ -190,9 +224,13 @@ class FrameLoop:
     def _start_frame(self, i: int) -> None:
         slot = self.slots[i]
         clip, c, mc = slot.clip, self.context, self.cfg.motion
+        if slot.pose is not None:
+            self.identity_in[i] = warp_to_pose(self.identity[i:i + 1], slot.pose[slot.k:slot.k + 1])[0]
+        if slot.eye_open is not None:
+            self.eye_open[i] = slot.eye_open[slot.k]
         every = int(mc.stabilize_every)
         if every > 0 and slot.k > 0 and slot.k % every == 0:
-            self.motion[i, 0] = grayscale(self.identity[i])[0]
+            self.motion[i, 0] = grayscale(self.identity_in[i])[0]
         frames = (slot.k + torch.arange(-c, c + 1, device=self.device)).clamp(clip.frame_lo, slot.frame_hi)
         self.audio[i] = clip.features[frames + clip.row_of_frame0]
         if mc.infer_noise > 0:
@@ -216,7 +254,7 @@ class FrameLoop:
 
     def _finish_frame(self, i: int, x0: torch.Tensor) -> Optional[tuple[Hashable, torch.Tensor]]:
         slot = self.slots[i]
-        frame = (x0 + self.identity[i] if self.residual else x0).clamp(-1, 1)
+        frame = (x0 + self.identity_in[i] if self.residual else x0).clamp(-1, 1)
         slot.frames.append(frame)
         self.motion[i, 0] = self.motion[i, 1]
         self.motion[i, 1] = grayscale(frame)[0]
@@ -241,10 +279,12 @@ class FrameLoop:
         rows = range(self.capacity) if full else busy  # the slot of each batch row
         x_t, step_idx = self.x_t[idx], self.step_idx[idx].clone()  # views when every slot is busy
         extra = {"motion_sigma": self.sigma[idx]} if self.cfg.motion.embed_noise else {}
+        if self.cfg.motion.eye_embed:
+            extra["eye_open"] = self.eye_open[idx]
         t0 = time.perf_counter() if self.profile else 0.0
         with torch.autocast(self.device.type, self.autocast or torch.bfloat16,
                             enabled=self.autocast is not None):
-            out = self.model(x_t, self.sampler.model_timesteps(step_idx), self.identity[idx],
+            out = self.model(x_t, self.sampler.model_timesteps(step_idx), self.identity_in[idx],
                              self.motion_in[idx], self.audio[idx], **extra)
         if self.profile:
             if self.device.type == "cuda":
@@ -257,7 +297,7 @@ class FrameLoop:
                                              device=self.device, dtype=self.dtype)
                                  if self.slots[i] is not None else torch.zeros_like(x_t[0])
                                  for i in rows])
-        offset = self.identity[idx] if self.residual else None
+        offset = self.identity_in[idx] if self.residual else None
         x_prev = self.sampler.step(out, x_t, step_idx, noise, offset).to(self.dtype)
         self.x_t[idx] = x_prev
         self.step_idx[idx] = (step_idx - 1).clamp_(min=0)  # idle slots stay a valid index

@@ -141,7 +141,10 @@ class Stem(nn.Module):
 
 class DiffusedHeads(nn.Module):
     """`forward(x_t [B,3,H,W], t [B] long, identity [B,3,H,W], motion [B,2,H,W],
-    audio [B, 2 m_y + 1, *feature_shape], motion_sigma [B] | None) -> [B, 6, H, W]`."""
+    audio [B, 2 m_y + 1, *feature_shape], motion_sigma [B] | None, eye_open [B] | None)
+    -> [B, 6, H, W]`. `eye_open` (with `motion.eye_embed`): the target frame's
+    eye openness (1 = open), embedded like σ; the pose enters as the warped
+    identity frame (`model/posewarp.py`), not here."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -151,6 +154,8 @@ class DiffusedHeads(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(mc, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.motion_noise_embed = (nn.Sequential(nn.Linear(mc, emb), nn.SiLU(), _zero(nn.Linear(emb, emb)))
                                    if cfg.motion.embed_noise else None)
+        self.eye_embed = (nn.Sequential(nn.Linear(mc, emb), nn.SiLU(), _zero(nn.Linear(emb, emb)))
+                          if cfg.motion.eye_embed else None)
         self.audio_encoder = AudioEncoder(cfg.audio)
         self.audio_embed = nn.Sequential(
             nn.Linear(cfg.audio.window_frames * cfg.audio.embed_dim, emb), nn.SiLU(),
@@ -201,7 +206,8 @@ class DiffusedHeads(nn.Module):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, identity: torch.Tensor,
                 motion: torch.Tensor, audio: torch.Tensor,
-                motion_sigma: torch.Tensor | None = None) -> torch.Tensor:
+                motion_sigma: torch.Tensor | None = None,
+                eye_open: torch.Tensor | None = None) -> torch.Tensor:
         # Compute in the parameters' dtype whatever the inputs' (bf16 weights on
         # the frame loop's fp32 state; under autocast the weights stay fp32).
         dtype = self.time_embed[0].weight.dtype
@@ -210,6 +216,10 @@ class DiffusedHeads(nn.Module):
             sigma = torch.zeros_like(t, dtype=torch.float32) if motion_sigma is None else motion_sigma
             t_emb = t_emb + self.motion_noise_embed(
                 timestep_embedding(sigma.float() * 1000.0, self.cfg.model_channels).to(dtype))
+        if self.eye_embed is not None:
+            eyes = torch.ones_like(t, dtype=torch.float32) if eye_open is None else eye_open
+            t_emb = t_emb + self.eye_embed(
+                timestep_embedding(eyes.float() * 1000.0, self.cfg.model_channels).to(dtype))
         a = self.audio_encoder(audio.to(dtype))  # [B, W, embed_dim]
         a_emb = self.audio_embed(a.reshape(a.shape[0], -1))
         h = torch.cat([x_t, identity, motion], dim=1).to(dtype)

@@ -107,7 +107,9 @@ class ContinuousBatcher:
             # windows clamp at the item's ends, not the segment's (see PAD_FRAMES)
             self.loop.admit(Clip(key, torch.from_numpy(to_unit(seg.identity)), feats, seg.n_frames,
                                  seed=seg.seed, row_of_frame0=PAD_FRAMES, frame_lo=-seg.start,
-                                 frame_hi=seg.item_frames - 1 - seg.start))
+                                 frame_hi=seg.item_frames - 1 - seg.start,
+                                 # one motion track per item: segment 0's seed (segment_seed)
+                                 motion_seed=seg.seed - seg.index))
 
     # -- one batched denoising step
     def step(self) -> list[tuple[Segment, np.ndarray]]:
