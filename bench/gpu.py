@@ -114,7 +114,7 @@ PRESETS = {
                         num_res_blocks=1, attention_resolutions=[], num_head_channels=32,
                         num_groups=16, audio=AudioConfig(n_mels=40, embed_dim=128),
                         motion=MotionConfig(train_noise_max=0.5, infer_noise=0.15, embed_noise=True,
-                                            stabilize_every=1)),
+                                            stabilize_every=1, pose_warp=True, eye_embed=True)),
 }
 SAMPLERS = {"ddim": SamplerConfig(kind=SamplerKind.ddim, steps="trailing20"),
             "respaced": SamplerConfig(kind=SamplerKind.respaced, steps="100", eta=1.0)}
@@ -424,7 +424,7 @@ def sample_cell(ctx, model: DiffusedHeads, sampler, clips: int, mode: str) -> di
     feats = torch.randn(clips, n_frames, *feature_shape(cfg.audio), generator=g)
     reset_peak(device)
     # bf16 weights; the loop's own autocast option (its state stays fp32: a bf16
-    # UNet called without autocast on fp32 inputs fails, see the README notes)
+    # UNet called without autocast on fp32 inputs fails, see docs/benchmarks.md)
     loop = FrameLoop(model, sampler, capacity=clips, device=device, autocast=torch.bfloat16)
     for i in range(clips):
         loop.admit(Clip(i, identity[i], feats[i], n_frames, seed=i))
@@ -594,7 +594,7 @@ def empty_doc(args, cfg, device) -> dict:
         "sampling": {m: {s: {str(c): dict(sample_cell_) for c in ("1", *map(str, args.clips))}
                          for s in SAMPLERS} for m in SAMPLE_MODES},
         "goals": {},
-        # evidence for the GPU-path problems of model/ (see docs/readme/issue13.md); the
+        # evidence for the GPU-path problems of model/ (see docs/benchmarks.md); the
         # per-step host syncs are in every timed cell as "host_syncs_per_step"
         "diagnostics": {"fused_attention": None},
     }

@@ -189,6 +189,10 @@ def run(cfg: DubJob) -> int:
     # workers do not share the driver's working directory
     output, checkpoint = _absolute(cfg.output), _absolute(cfg.checkpoint)
     ckpt = json.loads(Path(fetch_model_checkpoint(checkpoint, cfg.storage), CONFIG).read_text())
+    from dheads.model.config import MotionConfig, from_dict
+
+    print(f"[dub] {checkpoint}: {from_dict(MotionConfig, ckpt['model'].get('motion', {})).describe()}",
+          file=sys.stderr, flush=True)
     if not storage.exists(cfg.manifest, cfg.storage):
         raise UserError(f"manifest {cfg.manifest}: no such file (a JSONL/CSV/Parquet list of "
                         "identity, audio[, output, item_id])")

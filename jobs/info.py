@@ -19,6 +19,7 @@ def run(cfg) -> int:
         "image_size": m.image_size,
         "in_channels": m.in_channels,
         "out_channels": m.out_channels,
+        "motion": m.motion.describe(),
     }
     print(json.dumps(info), flush=True)
     return 0

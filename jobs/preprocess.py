@@ -22,7 +22,7 @@ Every input is untrusted: decoding stops at `MAX_CLIP_S`, frames smaller than
 a quarter of the image size are refused, frames past the end of the audio
 are dropped, and a local name that is not valid UTF-8 is processed under an
 escaped text form (`storage.display_name`). The kinds covered and their
-tests: docs/readme/issue12_inputs.md.
+tests: docs/data.md.
 
 Output layout (`output` URI):
 
@@ -51,6 +51,8 @@ Shard schema (one row = one clip):
 | `mouth_box_source` | string | `sidecar` or `geometry` |
 | `source_fps` | float32 | frame rate of the source (VFR: its average) |
 | `duration_s` | float32 | T / fps |
+| `head_pose` | list<fixed_size_list<float32, 3>> [T] | angle°, tx, ty of frame k's head relative to frame 0 (`platform/facemotion.py`; tx, ty in 128-px pixels) |
+| `eye_open` | list<float32> [T] | eye openness, 1 = the clip's median (a blink dips towards 0.5) |
 
 Frame codec, measured on 10 benchmark clips (1,071 frames, this machine,
 OpenCV 4.14 / PyAV x264 veryfast, per frame):
@@ -102,7 +104,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dheads.platform import faces, storage
+from dheads.platform import faces, facemotion, storage
 from dheads.platform.config import DataConfig, FaceDetector, ModelConfig, PreprocessJob, StorageConfig
 from dheads.platform.media import AUDIO_EXTS, MIN_SIDE, VIDEO_EXTS, Clip, MediaError, read_video
 
@@ -308,6 +310,8 @@ def process_clip(task: dict, model: ModelConfig, data: DataConfig, storage_cfg: 
     except Exception as e:  # a feature failure is this clip's failure
         raise ClipError("features", f"{type(e).__name__}: {e}") from e
     feats16 = np.ascontiguousarray(feats.astype("<f2"))
+    boxes = np.clip(boxes, 0, size).astype(np.float32)
+    signals = facemotion.motion_signals(frames, boxes)
     return {
         "clip_id": task["clip_id"], "source_uri": uri, "identity": identity_key(meta, task),
         "fps": float(clip.fps), "sample_rate": int(clip.sample_rate), "n_frames": n,
@@ -315,7 +319,8 @@ def process_clip(task: dict, model: ModelConfig, data: DataConfig, storage_cfg: 
         "frames": encode_frames(frames, data.jpeg_quality),
         "audio_features": feats16.tobytes(), "audio_features_shape": list(feats16.shape),
         "audio_pcm16": (np.clip(clip.audio, -1, 1) * 32767).round().astype("<i2").tobytes(),
-        "mouth_boxes": np.clip(boxes, 0, size).astype(np.float32).tolist(),
+        "mouth_boxes": boxes.tolist(),
+        "head_pose": signals["head_pose"].tolist(), "eye_open": signals["eye_open"].tolist(),
         "mouth_box_source": box_source, "source_fps": float(clip.source_fps),
         "duration_s": n / clip.fps,
     }
@@ -341,6 +346,7 @@ SHARD_SCHEMA = pa.schema([
     ("audio_features_shape", pa.list_(pa.int32())), ("audio_pcm16", pa.binary()),
     ("mouth_boxes", pa.list_(pa.list_(pa.float32(), 4))), ("mouth_box_source", pa.string()),
     ("source_fps", pa.float32()), ("duration_s", pa.float32()),
+    ("head_pose", pa.list_(pa.list_(pa.float32(), 3))), ("eye_open", pa.list_(pa.float32())),
 ])
 
 

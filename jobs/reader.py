@@ -18,6 +18,13 @@ frames k drawn at random; all of them for shorter clips), one row each:
 | `audio` | [2 m_y + 1, *feature_shape] | float32 | features of frames k−m_y … k+m_y, edge frames replicated |
 | `mouth_box` | [4] | float32 | x0, y0, x1, y1 of frame k, model-image pixels |
 | `frame_index` | [] | int64 | k |
+| `eye_open` | [] | float32 | frame k's measured eye openness (1 when the model has no `motion.eye_embed`) |
+
+With `motion.pose_warp` the `identity` column is the identity frame warped to
+frame k's head pose relative to it (`model/posewarp.py`, from the shard's
+`head_pose` track), as the frame loop does at inference with the prior's
+track. Shards written before `head_pose`/`eye_open` existed cannot train such
+a model: the reader says so (run `dheads preprocess` into a new folder).
 
 The motion and audio-window math is the model's own (`dheads.model.video`:
 `motion_frames`, `audio_windows`), shared with the frame loop. Before the
@@ -42,9 +49,30 @@ from dheads.model.images import to_unit
 from dheads.platform import storage
 from dheads.platform.config import DataConfig, IdentitySource, ModelConfig, StorageConfig
 
-TENSOR_COLUMNS = ("target", "identity", "motion", "audio", "mouth_box", "frame_index")
+TENSOR_COLUMNS = ("target", "identity", "motion", "audio", "mouth_box", "frame_index", "eye_open")
 _READ_COLUMNS = ["clip_id", "n_frames", "frames", "audio_features", "audio_features_shape",
                  "mouth_boxes"]
+MOTION_COLUMNS = ["head_pose", "eye_open"]
+
+
+def read_columns(model_cfg: ModelConfig) -> list[str]:
+    """The shard columns the reader needs for this model."""
+    return _READ_COLUMNS + (MOTION_COLUMNS if model_cfg.motion.conditioned else [])
+
+
+def check_motion_columns(shards_uri: str, model_cfg: ModelConfig, storage_cfg: StorageConfig) -> None:
+    """A model with explicit motion needs shards with measured tracks."""
+    if not model_cfg.motion.conditioned:
+        return
+    fs, path = storage.resolve(shard_uris(shards_uri, storage_cfg)[0], storage_cfg)
+    names = set(pq.read_schema(path, filesystem=fs).names)
+    missing = [c for c in MOTION_COLUMNS if c not in names]
+    if missing:
+        raise ValueError(f"the shards under {shards_uri} have no {', '.join(missing)} columns "
+                         "(written before dheads measured head pose and eye openness); a model with "
+                         "motion.pose_warp / motion.eye_embed needs them: run `dheads preprocess` "
+                         "into a new output folder, or train with model.motion.pose_warp=false "
+                         "model.motion.eye_embed=false")
 
 
 def shard_uris(shards_uri: str, storage_cfg: StorageConfig | None = None) -> list[str]:
@@ -75,11 +103,13 @@ def jitter(images: list[np.ndarray], strength: float, rng: np.random.Generator) 
 
 def clip_tuples(row: dict, context: int, count: int, seed: int, epoch: int = 0,
                 identity_frame: IdentitySource | str = IdentitySource.first,
-                color_jitter: float = 0.0) -> list[dict]:
+                color_jitter: float = 0.0, pose_warp: bool = False,
+                eye_embed: bool = False) -> list[dict]:
     """One shard row (a clip) -> `count` training tuples (see the module table)."""
     import torch
 
     from dheads.jobs.preprocess import decode_frames
+    from dheads.model.posewarp import relative_pose, warp_to_pose
     from dheads.model.video import audio_windows, motion_frames
 
     # Small per-tuple tensor ops: intra-op threads only contend with the
@@ -98,6 +128,8 @@ def clip_tuples(row: dict, context: int, count: int, seed: int, epoch: int = 0,
     decoded = {j: _unit(f) for j, f in zip(needed, decode_frames([blobs[j] for j in needed]))}
     feats = torch.from_numpy(_features(row))
     boxes = np.asarray([np.asarray(b, np.float32) for b in row["mouth_boxes"]], np.float32)
+    poses = np.asarray(row["head_pose"], np.float64).reshape(-1, 3) if pose_warp else None
+    eyes = np.asarray(row["eye_open"], np.float32) if eye_embed else None
     out = []
     for k in ks:
         k = int(k)
@@ -106,6 +138,11 @@ def clip_tuples(row: dict, context: int, count: int, seed: int, epoch: int = 0,
         if color_jitter > 0:
             images = jitter(images, color_jitter, rng)
         target, identity, prev2, prev1 = images
+        if poses is not None:
+            # the identity frame moved to frame k's head pose (the motion frames
+            # before the start stay the identity frame itself, as at inference for pose 0)
+            rel = relative_pose(poses[k], poses[ids[k]]).astype(np.float32)
+            identity = warp_to_pose(torch.from_numpy(identity)[None], torch.from_numpy(rel)[None])[0].numpy()
         out.append({
             "target": target,
             "identity": identity,
@@ -113,6 +150,7 @@ def clip_tuples(row: dict, context: int, count: int, seed: int, epoch: int = 0,
             "audio": audio_windows(feats, k, context).numpy(),
             "mouth_box": boxes[k],
             "frame_index": np.int64(k),
+            "eye_open": np.float32(eyes[k] if eyes is not None else 1.0),
         })
     return out
 
@@ -136,14 +174,17 @@ def training_dataset(shards_uri: str, model_cfg: ModelConfig, data_cfg: DataConf
     # A seeded file order (the same in every execution): exact resume needs the
     # data order to be a function of (seed, epoch); the per-epoch variation
     # comes from the epoch-seeded local shuffle in `iter_training_batches`.
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=_READ_COLUMNS,
+    check_motion_columns(shards_uri, model_cfg, storage_cfg)
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=read_columns(model_cfg),
                                shuffle=FileShuffleConfig(seed=data_cfg.seed,
                                                          reseed_after_execution=False))
     ds = ds.flat_map(clip_tuples, fn_kwargs=dict(context=model_cfg.audio.context,
                                                  count=data_cfg.frames_per_clip_epoch,
                                                  seed=data_cfg.seed, epoch=epoch,
                                                  identity_frame=data_cfg.identity_frame,
-                                                 color_jitter=data_cfg.color_jitter))
+                                                 color_jitter=data_cfg.color_jitter,
+                                                 pose_warp=model_cfg.motion.pose_warp,
+                                                 eye_embed=model_cfg.motion.eye_embed))
     if global_shuffle:
         ds = ds.random_shuffle(seed=data_cfg.seed + epoch)
     return ds

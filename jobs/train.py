@@ -96,6 +96,16 @@ def ensure_shards(cfg: TrainJob) -> None:
                         f"(see {storage.join(cfg.data.shards, 'errors.parquet')})")
 
 
+def with_motion_prior(cfg: TrainJob) -> TrainJob:
+    """The job's model with its motion prior fitted on the shards
+    (`jobs/training/prior.py`; deterministic, so a resumed run fits the same)."""
+    from dataclasses import replace
+
+    from dheads.jobs.training.prior import fit_from_shards
+
+    return replace(cfg, model=fit_from_shards(cfg.data.shards, cfg.model, cfg.storage))
+
+
 def run(cfg: TrainJob) -> int:
     import ray.data
 
@@ -110,6 +120,7 @@ def run(cfg: TrainJob) -> int:
     # workers' CPUs + room for the Ray Data tasks that feed them
     connect(cfg.cluster, cfg.storage, min_cpus=tc.num_workers * tc.cpus_per_worker + 2)
     ensure_shards(cfg)
+    cfg = with_motion_prior(cfg)
     ray.data.DataContext.get_current().enable_progress_bars = False  # one log line per step is enough
     # Only tensor columns travel to the workers (clip_id is a string).
     dataset = training_dataset(cfg.data.shards, cfg.model, cfg.data, cfg.storage) \

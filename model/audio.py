@@ -1,7 +1,7 @@
 """Audio front end: 16 kHz mono, one feature window per video frame, and the
 audio encoder that turns each window into an embedding.
 
-Timing (ARCHITECTURE.md): video frame i covers samples [640 i, 640 (i+1)) at
+Timing (docs/architecture.md): video frame i covers samples [640 i, 640 (i+1)) at
 16 kHz / 25 fps. Its feature window is 0.2 s (3,200 samples) centred on the
 frame's centre 640 i + 320, i.e. samples [640 i - 1280, 640 i + 1920), zero
 (silence) outside the clip.

@@ -1,4 +1,4 @@
-"""uint8 RGB frames <-> the model's images in [-1, 1] (ARCHITECTURE.md, "Conventions").
+"""uint8 RGB frames <-> the model's images in [-1, 1] (docs/architecture.md, "Conventions").
 
 Frames on disk, in shards and in videos are `uint8 [..., H, W, 3]`; the
 model sees float32 `[..., 3, H, W]` in [-1, 1], x = u / 127.5 − 1. The two

@@ -170,3 +170,28 @@ def motion_signals(frames: np.ndarray, mouth_boxes: np.ndarray | None = None) ->
     track = head_track(frames, mouth_boxes)
     return {"head_pose": track.astype(np.float32),
             "eye_open": eye_openness(frames, mouth_boxes, track).astype(np.float32)}
+
+
+# Blinks: eye openness below this fraction of its 15-frame (0.6 s) running
+# median. Blinks last 3-5 frames, so the median ignores them.
+BLINK_DROP = 0.85
+BLINK_BASELINE_FRAMES = 15
+
+
+def detect_blinks(openness: np.ndarray) -> np.ndarray:
+    """Blink flags `[T]` bool: openness below BLINK_DROP × its running median."""
+    from scipy.ndimage import median_filter
+
+    x = np.asarray(openness, np.float64)
+    if x.size == 0:
+        return np.zeros(0, bool)
+    base = median_filter(x, size=min(BLINK_BASELINE_FRAMES, x.size), mode="nearest")
+    return x < BLINK_DROP * np.maximum(base, 1e-9)
+
+
+def blink_events(flags: np.ndarray) -> int:
+    """Number of runs of consecutive True flags (one run = one blink)."""
+    f = np.asarray(flags, bool)
+    if f.size == 0:
+        return 0
+    return int(f[0]) + int((f[1:] & ~f[:-1]).sum())

@@ -1,4 +1,4 @@
-"""Layers only point down: serve/ and jobs/ -> platform/ -> model/ (ARCHITECTURE.md).
+"""Layers only point down: serve/ and jobs/ -> platform/ -> model/ (docs/architecture.md).
 
 Every module of the four code folders is parsed (nothing is imported) and
 checked for every way one module can reach another:

@@ -1,5 +1,5 @@
 """The package layout keeps the stdlib `platform` module visible, and
-`dheads.model` stays pure torch (DESIGN.md, "Layout and imports")."""
+`dheads.model` stays pure torch (docs/architecture.md, "Layers only point down")."""
 from __future__ import annotations
 
 import ast

@@ -67,6 +67,8 @@ def train_step(model: nn.Module, diffusion: GaussianDiffusion, optimizer: torch.
     t = torch.randint(0, diffusion.num_timesteps, (b,), generator=generator, device=x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     cond = {"identity": batch["identity"], "motion": batch["motion"], "audio": batch["audio"]}
+    if "eye_open" in batch:
+        cond["eye_open"] = batch["eye_open"]
     if motion is not None and motion.train_noise_max > 0:
         sigma = torch.rand(b, generator=generator, device=x0.device) * motion.train_noise_max
         z = torch.randn(cond["motion"].shape, generator=generator, device=x0.device, dtype=x0.dtype)
@@ -95,7 +97,7 @@ def train_step(model: nn.Module, diffusion: GaussianDiffusion, optimizer: torch.
 def to_model_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """Reader rows (float32 already: `jobs/reader.py`) -> model inputs on `device`."""
     return {k: batch[k].to(device, torch.float32, non_blocking=True)
-            for k in ("target", "identity", "motion", "audio", "mouth_box")}
+            for k in ("target", "identity", "motion", "audio", "mouth_box", "eye_open") if k in batch}
 
 
 # ------------------------------------------------------------------- the data

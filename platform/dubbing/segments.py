@@ -14,7 +14,7 @@ side, so its audio features equal those of the whole item, and so the item's
 audio can be put back together from its segments (`item_audio`) without
 decoding the input again.
 
-Timing (ARCHITECTURE.md): 16 kHz mono, 25 fps, frame i covers samples
+Timing (docs/architecture.md): 16 kHz mono, 25 fps, frame i covers samples
 [640 i, 640 (i+1)).
 """
 from __future__ import annotations

@@ -103,7 +103,7 @@ def test_every_section_is_skipped_with_its_reason_when_no_time_is_left(tmp_path)
     assert doc["training"]["eager"]["plain"]["status"] == "skipped"
     assert doc["sampling"]["cudagraphs"]["ddim"]["1"]["reason"].startswith("budget")
     assert doc["goals"]["training_mfu"] == {"value": None, "at": None, "target": 0.4, "met": None}
-    assert doc["peak_tflops"] > 0 and doc["params"] == 2_869_638   # tiny, with the motion-noise embedding
+    assert doc["peak_tflops"] > 0 and doc["params"] == 2_890_374   # tiny, with the motion-noise and eye embeddings
 
 
 def test_batch_search_keeps_the_largest_batch_that_fits(gpu_bench):

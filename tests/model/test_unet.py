@@ -49,9 +49,10 @@ def test_blocks_partition_the_parameters(tiny_cfg):
         assert not ids & seen, "blocks overlap"
         seen |= ids
     # the embeddings and the output head stay with the root module (the preset
-    # feeds the motion-frame noise σ through its own embedding)
-    assert model.motion_noise_embed is not None
-    root = {id(p) for m in (model.time_embed, model.audio_embed, model.motion_noise_embed, model.out)
+    # feeds the motion-frame noise σ and the eye openness through their own embeddings)
+    assert model.motion_noise_embed is not None and model.eye_embed is not None
+    root = {id(p) for m in (model.time_embed, model.audio_embed, model.motion_noise_embed,
+                            model.eye_embed, model.out)
             for p in m.parameters()}
     assert seen | root == {id(p) for p in model.parameters()}
     assert len(list(model.blocks())) == len(model.input_blocks) + len(model.output_blocks) + 2

@@ -4,7 +4,7 @@ here (tests/media_kinds.py): each either decodes to what a user would see
 whose stage and reason say what is wrong. Dubbing and serving read through
 these same functions; `dheads preprocess` is covered in
 tests/jobs/test_preprocess_bad_inputs.py. The table of kinds is
-docs/readme/issue12_inputs.md."""
+docs/data.md."""
 from __future__ import annotations
 
 import os
