@@ -62,7 +62,7 @@ def train_arm(name: str, overrides: list[str], args, root: Path) -> float:
         "model=tiny", f"data.shards={args.shards}", f"data.source={args.source}",
         "val=null", "trainer=cpu", "trainer.num_workers=2", f"trainer.batch_size={args.batch}",
         f"trainer.steps={args.steps}", f"trainer.lr={args.lr}", f"trainer.warmup_steps={args.warmup}",
-        "trainer.cpu_bf16=true", "trainer.ema_rate=0.998", f"trainer.checkpoint_every={args.steps}",
+        "trainer.cpu_bf16=null", "trainer.ema_rate=0.998", f"trainer.checkpoint_every={args.steps}",
         "trainer.sample_every=0", f"trainer.storage_path={run}", f"trainer.name={name}",
         "trainer.log_every=25"]
     if overrides[:1] == ["experiment=benchmark_cpu"]:
