@@ -6,7 +6,7 @@ long-clip test (drift over 30 s, seams between dubbing segments).
         [--val ../shared/benchmark/val] [--clips 0] [--seconds 0] \
         [--samplers default,trailing20,ddim20,respaced100+rho0.9] [--long-clip 30] \
         [--long-clip-samplers default,default+lead4+xfade6] \
-        [--out runs/quality] [--smoke]
+        [--seeds 2] [--out runs/quality] [--smoke]
 
 Every val clip (`--clips 0`: all 40; `--seconds 0`: at full length) is
 dubbed from its first frame (mouth shut: the clips start in silence) and its
@@ -30,6 +30,12 @@ UNet under bf16 autocast on CPUs that have it), and are scored by
   (DDIM stochasticity) and `+stabN` (reset the older motion frame to the
   identity every N frames, the official `stabilize`; `+stab0`: never),
   `+xfadeN` / `+leadN` (the dubbing segments' cross-fade and lead-in frames);
+- every row carries `dheads eval`'s head motion, blink, identity, flicker
+  and sharpness averages (`MOTION_KEYS`; the full averages under `all`);
+  with `--seeds 2` each sampler also dubs every clip a second time with
+  another seed (`<out>/<spec>_seed1/`) and the row gains the variety
+  measures (`variety_track_r`, `variety_blink_r`: how alike the two runs'
+  head tracks and blinks are; null with `variety_reason` otherwise);
 - `long_clip` (`--long-clip`): a 30 s clip of an unseen identity made with
   `dheads synth`, dubbed in segments of ≤ 8 s: upper-face PSNR against the
   reference over the first and the last 5 s, the same for the reference's
@@ -37,7 +43,7 @@ UNet under bf16 autocast on CPUs that have it), and are scored by
   frame-to-frame change at a segment joint ÷ the median frame-to-frame change.
 
 `--smoke` (the test suite): a random 16-px checkpoint, 2 clips of 0.4 s,
-DDIM 2, a 2 s long clip; the same code path, figures meaningless.
+DDIM 2, two seeds, a 2 s long clip; the same code path, figures meaningless.
 """
 from __future__ import annotations
 
@@ -51,11 +57,17 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+# dheads eval's averages of what the paper claims beyond lip sync (jobs/evaluation/headmotion.py)
+MOTION_KEYS = ("head_motion_ratio_angle", "head_motion_ratio_tx", "head_motion_ratio_ty",
+               "blink_rate_ref_measured", "blink_rate_ratio_measured", "identity_psnr_gen",
+               "identity_psnr_ref", "identity_psnr_first", "identity_psnr_last", "flicker_ratio",
+               "sharpness_ratio", "variety_track_r", "variety_blink_r", "variety_reason")
 ROW_KEYS = ("sync_r", "sync_r_best", "sync_lag", "psnr_upper", "ssim_upper", "flow_ratio",
-            "blink_rate_gen", "blink_rate_ref", "blink_rate_ratio", "drift_db", "clips", "frames")
-JSON_KEYS = ("bench", "checkpoint", "clips", "seconds_per_clip", "image_size", "smoke",
+            "blink_rate_gen", "blink_rate_ref", "blink_rate_ratio", "drift_db", "clips", "frames",
+            *MOTION_KEYS)
+JSON_KEYS = ("bench", "checkpoint", "clips", "seconds_per_clip", "image_size", "smoke", "seeds",
              *(f"{row}.{k}" for row in ("ceiling", "ceiling_model_res", "floor", "floor_model_res")
-               for k in ("sync_r", "psnr_upper", "ssim_upper", "flow_ratio", "blink_rate_gen")),
+               for k in ("sync_r", "psnr_upper", "ssim_upper", "flow_ratio", "blink_rate_gen", *MOTION_KEYS)),
              *(f"samplers.0.{k}" for k in ROW_KEYS + ("sampler", "frames_per_s", "wall_s")),
              "long_clip.seconds", "long_clip.segments", "long_clip.psnr_upper_first5s",
              "long_clip.psnr_upper_last5s", "long_clip.ref_drift_db", "long_clip.gen_drop_db",
@@ -149,8 +161,10 @@ def parse_sampler(spec: str):
     return cfg, dub
 
 
-def dub_all(checkpoint: str, spec: str, items, n_slots: int, threads: int = 0) -> tuple[list, float]:
-    """Dub `items` through one engine of `n_slots` slots; (results, wall seconds)."""
+def dub_all(checkpoint: str, spec: str, items, n_slots: int, threads: int = 0,
+            seed: int = 0) -> tuple[list, float]:
+    """Dub `items` through one engine of `n_slots` slots, sampling noise from
+    `seed`; (results, wall seconds)."""
     from _dubbing import dub_items
 
     from dheads.platform.config import DubConfig
@@ -161,7 +175,7 @@ def dub_all(checkpoint: str, spec: str, items, n_slots: int, threads: int = 0) -
     cfg = DubConfig(batch_size=max(1, n_slots), num_threads=threads, **overrides)
     engine = build_engine(checkpoint, sampler, cfg)
     t = time.time()
-    results = dub_items(engine, items, cfg)
+    results = dub_items(engine, items, cfg, seed=seed)
     wall = time.time() - t
     failed = [r for r in results if r.status != ItemStatus.succeeded]
     if failed:
@@ -230,7 +244,8 @@ def long_clip(checkpoint: str, spec: str, out: Path, seconds: float, threads: in
 
 def evaluate_checkpoint(checkpoint: str, val: str, out: Path, samplers: list[str], clips: int = 0,
                         seconds: float = 0.0, threads: int = 0, smoke: bool = False,
-                        long_seconds: float = 0.0, long_samplers: list[str] | None = None) -> dict:
+                        long_seconds: float = 0.0, long_samplers: list[str] | None = None,
+                        seeds: int = 1) -> dict:
     """The quality document of `checkpoint` (see the module docstring); also
     written to `out/quality_full.json`."""
     from dheads.jobs.evaluation import evaluate
@@ -243,7 +258,8 @@ def evaluate_checkpoint(checkpoint: str, val: str, out: Path, samplers: list[str
     stems = cut_references(Path(val), ref, clips, seconds)
     quiet = dict(report=False, verbose=False)
     result: dict = {"bench": "quality", "checkpoint": checkpoint, "clips": len(stems),
-                    "seconds_per_clip": seconds or "full", "image_size": image_size, "smoke": smoke}
+                    "seconds_per_clip": seconds or "full", "image_size": image_size, "smoke": smoke,
+                    "seeds": seeds}
     result["ceiling"] = evaluate(str(ref), str(ref), str(out / "eval_ceiling"), **quiet)
     transformed(ref, out / "model_res", stems, at_resolution(image_size))
     result["ceiling_model_res"] = evaluate(str(out / "model_res"), str(ref),
@@ -260,7 +276,13 @@ def evaluate_checkpoint(checkpoint: str, val: str, out: Path, samplers: list[str
         # every clip is a slot of one engine (a clip over 8 s is 2 segments): the split advances together
         results, wall = dub_all(checkpoint, spec, items, n_slots=2 * len(stems), threads=threads)
         frames = sum(round(r.seconds * 25) for r in results)
-        evaluate(str(gen), str(ref), str(out / f"eval_{spec}"), report=not smoke, verbose=False)
+        gen_b = None
+        if seeds > 1:  # the same clips again from another seed: how alike two runs move (variety)
+            gen_b = out / f"{spec}_seed1"
+            items_b = [it.model_copy(update={"output": str(gen_b / f"{it.item_id}.mp4")}) for it in items]
+            dub_all(checkpoint, spec, items_b, n_slots=2 * len(stems), threads=threads, seed=1)
+        evaluate(str(gen), str(ref), str(out / f"eval_{spec}"), report=not smoke, verbose=False,
+                 generated_b_uri=None if gen_b is None else str(gen_b))
         doc = json.loads((out / f"eval_{spec}" / "metrics.json").read_text())
         metrics = doc["averages"]
         result.setdefault("floor", doc["floor"])  # the still identity frame, scored by eval itself
@@ -296,6 +318,8 @@ def main() -> None:
                     help="sampler specs for the long clip (default: the first of --samplers)")
     ap.add_argument("--out", default="runs/quality")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--seeds", type=int, default=1, choices=(1, 2),
+                    help="2: dub every clip again with another seed and score the variety between the runs")
     ap.add_argument("--smoke", action="store_true", help="seconds, tiny inputs (the test suite)")
     args = ap.parse_args()
 
@@ -305,7 +329,7 @@ def main() -> None:
 
         out = Path(tempfile.mkdtemp(prefix="dheads-quality-smoke-"))
         args.checkpoint = tiny_checkpoint(out / "ckpt", image_size=16)
-        args.clips, args.seconds, args.samplers, args.long_clip = 2, 0.4, "ddim2", 2.0
+        args.clips, args.seconds, args.samplers, args.long_clip, args.seeds = 2, 0.4, "ddim2", 2.0, 2
     if args.val is None:
         from _paths import benchmark_dir
 
@@ -314,7 +338,7 @@ def main() -> None:
         raise SystemExit("--checkpoint is required (or --smoke)")
     result = evaluate_checkpoint(args.checkpoint, args.val, out, split_specs(args.samplers),
                                  args.clips, args.seconds, args.threads, args.smoke, args.long_clip,
-                                 split_specs(args.long_clip_samplers))
+                                 split_specs(args.long_clip_samplers), args.seeds)
     (out / "quality.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
 

@@ -284,6 +284,7 @@ class ServeJob:
 class EvalJob:
     generated: str = "runs/dubbed"       # folder / s3 prefix of mp4s, matched by file stem
     reference: str = "runs/reference"    # same stems; optional <stem>.json ground truth
+    generated_b: Optional[str] = None    # a second run (another seed) of the same stems: variety
     out: str = "runs/eval"               # metrics.json + index.html + img/ (local or s3://)
     fps: float = 25.0                    # both clips are decoded at this rate
     max_lag: int = 5                     # sync lag search range, frames (±)

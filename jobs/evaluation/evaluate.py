@@ -3,7 +3,10 @@ pair, write `metrics.json` and the HTML report under `out`, return the averages.
 
 `generated` and `reference` are folders or S3 prefixes of mp4s. A reference
 clip `<stem>.mp4` may have the benchmark's ground truth `<stem>.json` next to
-it. `out` is a folder or S3 prefix; the report is built locally and uploaded.
+it. `generated_b` (optional) is a second run of the same clips with another
+seed, for the variety measures. `out` is a folder or S3 prefix; the report is
+built locally and uploaded. Clips on one side only, or that cannot be read,
+are named (log, metrics.json, report) and the rest are scored.
 """
 from __future__ import annotations
 
@@ -18,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from dheads.jobs.evaluation.headmotion import AXES
 from dheads.jobs.evaluation.report import write_report
-from dheads.jobs.evaluation.scoring import ClipScore, GroundTruth, score_clip
+from dheads.jobs.evaluation.scoring import ClipScore, GroundTruth, reference_motion, score_clip
 from dheads.platform import storage as store
 from dheads.platform.config import StorageConfig
 from dheads.platform.errors import UserError
@@ -35,7 +39,15 @@ UNAVAILABLE = {
 # Per-clip metrics averaged over clips (clips where a value is undefined are skipped).
 MEAN_KEYS = ("sync_r", "sync_r_best", "sync_lag", "mouth_measure_r", "psnr", "ssim", "psnr_upper",
              "ssim_upper", "flow_gen", "flow_ref", "flow_ratio", "fmse", "fmse_ref",
-             "drift_first_db", "drift_last_db", "drift_db", "drift_ref_db")
+             "drift_first_db", "drift_last_db", "drift_db", "drift_ref_db",
+             *(f"{k}_{axis}" for k in ("head_std_gen", "head_std_ref", "head_motion_ratio",
+                                       "head_track_r_gt", "variety_track_r") for axis in AXES),
+             "identity_psnr_gen", "identity_psnr_ref", "identity_psnr_first", "identity_psnr_last",
+             "identity_psnr_ref_first", "identity_psnr_ref_last", "flicker_gen", "flicker_ref",
+             "flicker_ratio", "sharpness_gen", "sharpness_ref", "sharpness_ratio",
+             "variety_track_r", "variety_blink_r")
+# How many stems a log line names before it says "and N more".
+LOG_STEMS = 20
 
 
 class EvalError(UserError, ValueError):
@@ -93,6 +105,13 @@ def average(scores: dict[str, ClipScore]) -> dict:
     out["blink_rate_gen"] = sum(m["blinks_gen"] for m in ms) / seconds
     out["blink_rate_ref"] = sum(m["blinks_ref"] for m in ms) / seconds
     out["blink_rate_ratio"] = (out["blink_rate_gen"] / out["blink_rate_ref"]) if out["blink_rate_ref"] > 0 else None
+    # the reference measured with the generated clip's detector (ground truth or not)
+    out["blink_rate_ref_measured"] = sum(m["blinks_ref_measured"] for m in ms) / seconds
+    out["blink_rate_ratio_measured"] = (out["blink_rate_gen"] / out["blink_rate_ref_measured"]
+                                        if out["blink_rate_ref_measured"] > 0 else None)
+    out["variety_clips"] = sum(m["variety_track_r"] is not None for m in ms)
+    reasons = sorted({m["variety_reason"] for m in ms if m.get("variety_reason")})
+    out["variety_reason"] = "; ".join(reasons) if out["variety_clips"] == 0 and reasons else None
     out["sync_static_clips"] = sum(bool(m["sync_static"]) for m in ms)
     out["resized_clips"] = sum(bool(m["resized"]) for m in ms)
     out["frames"] = sum(m["frames"] for m in ms)
@@ -100,10 +119,16 @@ def average(scores: dict[str, ClipScore]) -> dict:
     return out
 
 
+def _named(stems: list[str]) -> str:
+    more = f" and {len(stems) - LOG_STEMS} more" if len(stems) > LOG_STEMS else ""
+    return ", ".join(stems[:LOG_STEMS]) + more if stems else "none"
+
+
 def evaluate(generated_uri: str, reference_uri: str, out_uri: str,
              storage: StorageConfig | None = None, *, fps: float = 25.0, max_lag: int = 5,
-             report: bool = True, verbose: bool = True) -> dict:
-    """Score every generated clip against the reference clip of the same stem.
+             report: bool = True, verbose: bool = True, generated_b_uri: str | None = None) -> dict:
+    """Score every generated clip against the reference clip of the same stem
+    (and against `generated_b_uri`'s clip of that stem, a second run, for variety).
 
     Writes `out/metrics.json` ({"averages", "clips", "unavailable", ...}) and,
     with `report`, `out/index.html` + `out/img/*.png` (+ `out/videos/` copies
@@ -113,7 +138,9 @@ def evaluate(generated_uri: str, reference_uri: str, out_uri: str,
     pairs, unmatched = match_clips(generated_uri, reference_uri, cfg)
     log = (lambda msg: print(msg, file=sys.stderr)) if verbose else (lambda msg: None)
     log(f"[eval] {len(pairs)} clips matched; without a partner (skipped, listed in metrics.json): "
-          f"{len(unmatched['generated_only'])} generated, {len(unmatched['reference_only'])} reference")
+        f"{len(unmatched['generated_only'])} generated ({_named(unmatched['generated_only'])}), "
+        f"{len(unmatched['reference_only'])} reference ({_named(unmatched['reference_only'])})")
+    second = _second_run(generated_b_uri, pairs, cfg)
     out_local = not store.is_s3(out_uri)
     work = Path(out_uri) if out_local else Path(tempfile.mkdtemp(prefix="dheads-eval-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -126,7 +153,7 @@ def evaluate(generated_uri: str, reference_uri: str, out_uri: str,
         for i, pair in enumerate(pairs):
             try:
                 score, floors[pair.stem], videos[pair.stem], strip = _score_pair(
-                    pair, work, out_local, cfg, fps, max_lag, report)
+                    pair, second.get(pair.stem), generated_b_uri, work, out_local, cfg, fps, max_lag, report)
             except MediaError as e:
                 failed[pair.stem] = str(e)
                 log(f"[eval] {i + 1}/{len(pairs)} {pair.stem}: skipped, {e}")
@@ -134,11 +161,21 @@ def evaluate(generated_uri: str, reference_uri: str, out_uri: str,
             scores[pair.stem], strips[pair.stem] = score, strip
             m = score.metrics
             log(f"[eval] {i + 1}/{len(pairs)} {pair.stem}: sync_r={_fmt(m['sync_r'])} lag={m['sync_lag']} "
-                f"psnr_upper={m['psnr_upper']:.2f} ssim_upper={m['ssim_upper']:.3f}")
+                f"psnr_upper={m['psnr_upper']:.2f} ssim_upper={m['ssim_upper']:.3f} "
+                f"head_motion_ratio_angle={_fmt(m['head_motion_ratio_angle'])} "
+                f"identity_psnr_gen={m['identity_psnr_gen']:.2f}")
+        if failed:
+            log(f"[eval] not scored: {_named(sorted(failed))}")
+        if generated_b_uri:  # scored clips the second run lacks: no variety for them
+            missing_b = sorted(stem for stem in scores if stem not in second)
+            unmatched["generated_b_missing"] = missing_b
+            log(f"[eval] second run {generated_b_uri}: {len(scores) - len(missing_b)} of {len(scores)} "
+                f"scored clips (missing: {_named(missing_b)})")
         if not scores:
             raise EvalError(f"no clip could be scored: {failed}")
         averages = average(scores)
         averages["failed_clips"] = len(failed)
+        averages["missing_clips"] = len(unmatched["reference_only"])  # references without a generated clip
         doc = {
             "averages": averages,
             # the identity frame held still with the real audio: what a model
@@ -148,7 +185,7 @@ def evaluate(generated_uri: str, reference_uri: str, out_uri: str,
             "unavailable": UNAVAILABLE,
             "unmatched": unmatched,
             "failed": failed,
-            "generated": generated_uri, "reference": reference_uri,
+            "generated": generated_uri, "reference": reference_uri, "generated_b": generated_b_uri,
         }
         (work / "metrics.json").write_text(json.dumps(doc, indent=2))
         if report:
@@ -163,11 +200,21 @@ def evaluate(generated_uri: str, reference_uri: str, out_uri: str,
     return averages
 
 
-def _score_pair(pair: ClipPair, work: Path, out_local: bool, cfg: StorageConfig, fps: float,
-                max_lag: int, report: bool) -> tuple[ClipScore, ClipScore, dict, tuple | None]:
-    """Read and score one pair, and the still-identity floor of its reference;
-    also the report's links to its mp4s (relative: local sources are linked
-    in place, others copied under `work/videos/`)."""
+def _second_run(uri: str | None, pairs: list[ClipPair], cfg: StorageConfig) -> dict[str, str]:
+    """stem -> URI of the second run's mp4 of that stem (none without `uri`)."""
+    if not uri:
+        return {}
+    files = {Path(store.basename(f)).stem: f for f in store.list_files(uri, (".mp4",), cfg)}
+    return {p.stem: files[p.stem] for p in pairs if p.stem in files}
+
+
+def _score_pair(pair: ClipPair, second: str | None, second_root: str | None, work: Path, out_local: bool,
+                cfg: StorageConfig, fps: float, max_lag: int,
+                report: bool) -> tuple[ClipScore, ClipScore, dict, tuple | None]:
+    """Read and score one pair (with its second run `second`, when there is
+    one), and the still-identity floor of its reference; also the report's
+    links to its mp4s (relative: local sources are linked in place, others
+    copied under `work/videos/`)."""
     links, arrays = {}, []
     for side, uri in (("generated", pair.generated), ("reference", pair.reference)):
         copy = None
@@ -181,9 +228,21 @@ def _score_pair(pair: ClipPair, work: Path, out_local: bool, cfg: StorageConfig,
         except MediaError as e:
             raise MediaError(e.stage, f"{side} clip {uri}: {e.reason}") from e
     gen, ref = arrays
+    gen_b, missing_b = None, None
+    if second is not None:
+        try:
+            gen_b = _read(second, cfg, fps, None)
+        except MediaError as e:  # the pair is still scored, without variety
+            missing_b = f"second run clip {second}: {e}"
+    else:
+        missing_b = (f"no clip {pair.stem}.mp4 in the second run {second_root}" if second_root
+                     else "no second run (generated_b not given)")
     truth = GroundTruth.from_json(json.loads(store.read_bytes(pair.truth, cfg))) if pair.truth else None
-    score = score_clip(gen, ref, fps=fps, truth=truth, max_lag=max_lag)
-    floor = score_clip(np.repeat(ref[:1], len(ref), axis=0), ref, fps=fps, truth=truth, max_lag=max_lag)
+    ref_motion = reference_motion(ref, truth)
+    score = score_clip(gen, ref, fps=fps, truth=truth, max_lag=max_lag, generated_b=gen_b,
+                       missing_b=missing_b, ref_motion=ref_motion)
+    floor = score_clip(np.repeat(ref[:1], len(ref), axis=0), ref, fps=fps, truth=truth, max_lag=max_lag,
+                       missing_b="the floor has no second run", ref_motion=ref_motion)
     # keep only what the report draws, not whole clips
     return score, floor, links, (_report_frames(gen, ref, score) if report else None)
 

@@ -29,10 +29,37 @@ METHODS = [
              "<b>sync_r_best</b> the peak, <b>sync_lag</b> its lag: positive = the generated mouth moves "
              "later than the reference (audio delayed by 5 frames → +5). A generated mouth whose opening "
              "has std &lt; 0.1 px is static: r = 0, lag undefined (n/a)."),
-    ("Blinks", "Eye-band gradient energy (mean |∂Y/∂x| + |∂Y/∂y|); a frame is a blink frame when it "
-               "drops below 0.85 × its 15-frame running median; a run of blink frames is one blink. The "
-               "reference uses the ground-truth <code>blink</code> flags when present. Rates are blinks "
-               "per second; the averaged rates pool all clips (total blinks ÷ total seconds)."),
+    ("Head motion", "Head track: the rigid pose (angle °, tx, ty in 128-px pixels) of every frame relative to "
+                    "the identity frame (the reference's first frame), from "
+                    "<code>platform.facemotion.head_track([identity] + frames)</code> (ECC alignment of the face "
+                    "without the mouth and chin), on the generated and on the reference clip alike. "
+                    "<b>head_motion_ratio_angle / _tx / _ty</b> = std over time of the generated track ÷ that of "
+                    "the reference (n/a when the reference's std is below 0.01). <b>head_track_r_gt_*</b>: "
+                    "Pearson r of the reference's measured track with its ground-truth <code>pose</code> "
+                    "(relative to frame 0), when the <code>.json</code> has one: how far to trust the tracker."),
+    ("Blinks", "Every frame is warped back onto the identity frame's pose (<code>facemotion.align</code>), then "
+               "the eye band's gradient energy (mean |∂Y/∂x| + |∂Y/∂y|) over its clip median "
+               "(<code>facemotion.eye_openness</code>); a frame is a blink frame when it drops below 0.85 × its "
+               "15-frame running median; a run of blink frames is one blink. The same detector runs on the "
+               "generated and the reference clip (<b>blink_rate_ref_measured</b>, "
+               "<b>blink_rate_ratio_measured</b> = generated ÷ that); <b>blink_rate_ref</b> / "
+               "<b>blink_rate_ratio</b> use the ground-truth <code>blink</code> flags when present. Rates are "
+               "blinks per second; the averaged rates pool all clips (total blinks ÷ total seconds)."),
+    ("Identity", "The upper face (rows above the mouth box) of every frame warped onto the identity frame's "
+                 "pose, against the identity frame's upper face: <b>identity_psnr_gen</b> / <b>_ref</b> = "
+                 "10 log10(255² / MSE) of the MSE averaged over all frames (RGB); <b>identity_psnr_first</b> / "
+                 "<b>_last</b> (and <b>identity_psnr_ref_first</b> / <b>_last</b>) over the first / last 10 s "
+                 "(half the clip when shorter): the drift of a long clip, whatever the pose."),
+    ("Flicker / sharpness", "On the pose-aligned upper face: <b>flicker</b> = mean |frame k+1 − frame k| "
+                            "(RGB, 0–255), <b>flicker_ratio</b> = generated ÷ reference; <b>sharpness</b> = "
+                            "variance of the luma's 3×3 Laplacian (taken before the warp, its square warped, "
+                            "so the warp's interpolation does not blur it), averaged over frames, "
+                            "<b>sharpness_ratio</b> = generated ÷ reference."),
+    ("Variety", "With a second generated run of the same clips (another seed, <code>generated_b=</code>): "
+                "<b>variety_track_r_*</b> = Pearson r of the two runs' head tracks per axis, "
+                "<b>variety_track_r</b> their mean; <b>variety_blink_r</b> = Pearson r of their blink flags "
+                "smoothed by a Gaussian of σ = 2 frames. 1: the same motion twice. n/a, with "
+                "<b>variety_reason</b>, when there is no second run or a run holds still / never blinks."),
     ("PSNR / SSIM", f"PSNR over RGB per frame, 10 log10(255²/MSE), capped at 100 dB, averaged over "
                     f"frames. SSIM (Wang et al. 2004): Gaussian window σ = {SSIM_SIGMA}, "
                     f"{SSIM_WINDOW}×{SSIM_WINDOW}, K1 = 0.01, K2 = 0.03, L = 255, per RGB channel "
@@ -56,6 +83,17 @@ TABLE_COLUMNS = [
     ("psnr_upper", "PSNR upper", 2), ("ssim_upper", "SSIM upper", 3), ("flow_ratio", "flow ratio", 2),
     ("fmse", "fMSE", 2), ("drift_db", "drift dB", 2),
 ]
+
+MOTION_COLUMNS = [
+    ("head_motion_ratio_angle", "motion ratio angle", 2), ("head_motion_ratio_tx", "motion ratio tx", 2),
+    ("head_motion_ratio_ty", "motion ratio ty", 2), ("blink_rate_ref_measured", "blinks/s ref measured", 2),
+    ("blink_rate_ratio_measured", "blink ratio measured", 2), ("identity_psnr_gen", "identity PSNR gen", 2),
+    ("identity_psnr_ref", "identity PSNR ref", 2), ("identity_psnr_first", "identity gen first", 2),
+    ("identity_psnr_last", "identity gen last", 2), ("flicker_ratio", "flicker ratio", 2),
+    ("sharpness_ratio", "sharpness ratio", 2), ("variety_track_r", "variety track r", 3),
+    ("variety_blink_r", "variety blink r", 3),
+]
+AXIS_LABELS = ("angle (°)", "tx (px)", "ty (px)")
 
 CSS = """
 body{font-family:sans-serif;margin:1.5em;color:#222;max-width:1200px}
@@ -146,30 +184,95 @@ def _curves(path: Path, stem: str, score) -> None:
     plt.close(fig)
 
 
+def _motion(path: Path, stem: str, score) -> None:
+    """The head track of both clips per axis (and the second run's, and the
+    ground truth's) over time, and their aligned eye openness with blink marks."""
+    import matplotlib.pyplot as plt
+
+    s, m = score.series, score.metrics
+    fps = m["frames"] / m["duration_s"]
+    t = np.arange(m["frames"]) / fps
+    fig, axes = plt.subplots(4, 1, figsize=(8, 6.4), dpi=100, sharex=True)
+    for i, (ax, axis, label) in enumerate(zip(axes, ("angle", "tx", "ty"), AXIS_LABELS)):
+        if s.get("track_gt") is not None:
+            ax.plot(t, s["track_gt"][:, i], color="k", lw=0.8, alpha=0.6, label="reference (ground truth)")
+        ax.plot(t, s["track_ref"][:, i], color="tab:blue", lw=1, label="reference")
+        ax.plot(t, s["track_gen"][:, i], color="tab:red", lw=1.2, label="generated")
+        if s.get("track_gen_b") is not None:
+            ax.plot(t[:len(s["track_gen_b"])], s["track_gen_b"][:, i], color="tab:orange", lw=1, ls="--",
+                    label="generated, 2nd run")
+        ax.set_ylabel(label, fontsize=8)
+        ax.set_title(f"{axis}: std gen {m[f'head_std_gen_{axis}']:.2f} / ref {m[f'head_std_ref_{axis}']:.2f} "
+                     f"(ratio {_cell(m[f'head_motion_ratio_{axis}'], 2)})", fontsize=8)
+        if i == 0:
+            ax.legend(fontsize=6, loc="best")
+    a4 = axes[3]
+    a4.plot(t, s["eye_ref"], color="tab:blue", lw=1, label="reference")
+    a4.plot(t, s["eye_gen"], color="tab:red", lw=1.2, label="generated")
+    lo = min(float(np.min(s["eye_ref"])), float(np.min(s["eye_gen"])), 0.5)
+    marks = [(s["blink_ref"], "tab:blue", f"reference ({m['reference_blinks']})"),
+             (s["blink_ref_measured"], "tab:cyan", "reference (measured)"),
+             (s["blink_gen"], "tab:red", "generated")]
+    for j, (flags, c, label) in enumerate(marks):
+        on = np.flatnonzero(flags)
+        a4.plot(t[on], np.full(len(on), lo - 0.06 * (j + 1)), "|", color=c, ms=6, label=f"blinks {label}")
+    a4.set_title(f"eye openness, pose-aligned (blinks gen {m['blinks_gen']}, ref {m['blinks_ref']}, "
+                 f"ref measured {m['blinks_ref_measured']})", fontsize=8)
+    a4.set_ylabel("openness", fontsize=8)
+    a4.set_xlabel("time (s)")
+    a4.legend(fontsize=6, loc="best", ncol=2)
+    fig.suptitle(f"{stem}: head track relative to the identity frame", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _table(table_id: str, columns: list, doc: dict, scores: dict) -> str:
+    esc = html.escape
+    head = "".join(f"<th>{esc(label)}</th>" for _, label, _ in columns)
+
+    def row(name, values, cls=""):
+        cells = "".join(f"<td>{_cell(values.get(k), d)}</td>" for k, _, d in columns)
+        return f'<tr class="{cls}"><td>{name}</td>{cells}</tr>'
+
+    rows = [row("average", doc["averages"], "avg")]
+    if doc.get("floor"):
+        rows.append(row("floor: identity frame held still", doc["floor"], "floor"))
+    rows += [row(f'<a href="#{quote(stem)}">{esc(stem)}</a>', score.metrics) for stem, score in scores.items()]
+    return (f'<table id="{table_id}"><thead><tr><th>clip</th>{head}</tr></thead><tbody>\n'
+            f"{''.join(rows)}\n</tbody></table>")
+
+
+def _not_scored(doc: dict) -> str:
+    """Clips that could not be read (one line each, with why), then the stems
+    found on one side only (one line per kind)."""
+    esc = html.escape
+    items = [f"<li>{esc(k)}: {esc(v)}</li>" for k, v in doc.get("failed", {}).items()]
+    unmatched = doc.get("unmatched", {})
+    for key, why in (("reference_only", "no generated clip"), ("generated_only", "no reference clip"),
+                     ("generated_b_missing", "scored, but not in the second run (no variety)")):
+        if unmatched.get(key):
+            stems = unmatched[key]
+            items.append(f"<li>{why} ({len(stems)}): {esc(', '.join(stems))}</li>")
+    return f'<h2>Not scored</h2><ul id="not-scored">{"".join(items)}</ul>' if items else ""
+
+
 def write_report(folder: Path, doc: dict, scores: dict, strips: dict, videos: dict) -> Path:
-    """Write `folder/index.html` and `folder/img/<stem>_{frames,curves}.png`."""
+    """Write `folder/index.html` and `folder/img/<stem>_{frames,curves,motion}.png`."""
     import matplotlib
 
     matplotlib.use("Agg")
     img = folder / "img"
     img.mkdir(parents=True, exist_ok=True)
     esc = html.escape
-    head = "".join(f"<th>{esc(label)}</th>" for _, label, _ in TABLE_COLUMNS)
-
-    def row(name, values, cls=""):
-        cells = "".join(f"<td>{_cell(values.get(k), d)}</td>" for k, _, d in TABLE_COLUMNS)
-        return f'<tr class="{cls}"><td>{name}</td>{cells}</tr>'
-
-    rows = [row("average", doc["averages"], "avg")]
-    if doc.get("floor"):
-        rows.append(row("floor: identity frame held still", doc["floor"], "floor"))
     sections = []
     for stem, score in scores.items():
         frames_png, curves_png = f"img/{stem}_frames.png", f"img/{stem}_curves.png"
+        motion_png = f"img/{stem}_motion.png"
         _frame_strip(folder / frames_png, stem, score, strips[stem])
         _curves(folder / curves_png, stem, score)
+        _motion(folder / motion_png, stem, score)
         anchor = quote(stem)
-        rows.append(row(f'<a href="#{anchor}">{esc(stem)}</a>', score.metrics))
         m = score.metrics
         notes = (f"{m['frames']} frames compared (generated {m['frames_generated']}, reference "
                  f"{m['frames_reference']}); generated {m['generated_size'][0]}×{m['generated_size'][1]}"
@@ -178,35 +281,44 @@ def write_report(folder: Path, doc: dict, scores: dict, strips: dict, videos: di
                  f"blinks {m['reference_blinks']} ({m['blinks_gen']} generated vs {m['blinks_ref']} reference)")
         if m.get("mouth_measure_r") is not None:
             notes += f"; mouth measure on the reference vs ground truth r = {m['mouth_measure_r']:.3f}"
+        if m.get("head_track_r_gt_angle") is not None:
+            notes += ("; reference head track vs ground-truth pose r = "
+                      + " / ".join(_cell(m[f"head_track_r_gt_{a}"], 3) for a in ("angle", "tx", "ty"))
+                      + " (angle / tx / ty)")
+        if m.get("variety_reason"):
+            notes += f"; variety: {m['variety_reason']}"
         links = " | ".join(f'<a href="{quote(videos[stem][side])}">{side} mp4</a>'
                            for side in ("generated", "reference"))
         sections.append(
             f'<div class="clip" id="{esc(anchor)}"><h3>{esc(stem)}</h3><p>{links}</p>'
             f"<p>{esc(notes)}.</p>"
             f'<img src="{quote(frames_png)}" alt="frames {esc(stem)}"><br>'
-            f'<img src="{quote(curves_png)}" alt="mouth opening {esc(stem)}"></div>')
+            f'<img src="{quote(curves_png)}" alt="mouth opening {esc(stem)}"><br>'
+            f'<img src="{quote(motion_png)}" alt="head track and blinks {esc(stem)}"></div>')
     avg = doc["averages"]
     unavailable = "".join(f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in doc["unavailable"].items())
-    failed = "".join(f"<li>{esc(k)}: {esc(v)}</li>" for k, v in doc.get("failed", {}).items())
-    failed = f"<h2>Not scored</h2><ul>{failed}</ul>" if failed else ""
+    failed = _not_scored(doc)
+    second = (f"second run (variety): <code>{esc(doc['generated_b'])}</code><br>\n"
+              if doc.get("generated_b") else "")
     methods = "".join(f"<dt>{esc(k)}</dt><dd>{v}</dd>" for k, v in METHODS)
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>dheads eval report</title>
 <style>{CSS}</style></head><body>
 <h1>dheads eval</h1>
 <p>generated: <code>{esc(doc['generated'])}</code><br>reference: <code>{esc(doc['reference'])}</code><br>
-{avg['clips']} clips, {avg['frames']} frames; {avg['sync_static_clips']} with a static generated mouth;
-{avg['resized_clips']} resized. Raw numbers: <a href="metrics.json">metrics.json</a>.</p>
+{second}{avg['clips']} clips, {avg['frames']} frames; {avg['sync_static_clips']} with a static generated mouth;
+{avg['resized_clips']} resized. Raw numbers: <a href="metrics.json">metrics.json</a>; how each figure
+is measured: <a href="#definitions">definitions</a> (after the clips).</p>
 <h2>Metrics</h2>
-<table id="metrics"><thead><tr><th>clip</th>{head}</tr></thead><tbody>
-{''.join(rows)}
-</tbody></table>
+{_table("metrics", TABLE_COLUMNS, doc, scores)}
+<h2>Head motion, blinks, identity, flicker, variety</h2>
+{_table("motion", MOTION_COLUMNS, doc, scores)}
 {failed}
 <h2>Not available offline</h2><ul id="unavailable">{unavailable}</ul>
 <p>These need pretrained networks whose weights cannot be downloaded here; they are not approximated.</p>
-<h2>Definitions</h2><dl>{methods}</dl>
 <h2>Clips</h2>
 {''.join(sections)}
+<h2 id="definitions">Definitions</h2><dl>{methods}</dl>
 </body></html>
 """
     out = folder / "index.html"

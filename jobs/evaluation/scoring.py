@@ -1,13 +1,14 @@
 """Score one generated clip against its reference: every offline metric of
-`dheads eval` for one pair of frame arrays. No I/O here."""
+`dheads eval` for one pair of frame arrays (and, for variety, a second run of
+the same clip). No I/O here."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from dheads.jobs.evaluation import headmotion, mouth
 from dheads.jobs.evaluation import metrics as M
-from dheads.jobs.evaluation import mouth
 
 # A generated mouth whose opening varies by less than this (std, in pixel rows
 # of the reference frame) does not move: its sync r is 0 and its lag undefined.
@@ -20,6 +21,7 @@ class GroundTruth:
     mouth_open: np.ndarray | None = None   # [T] in [0, 1]
     mouth_box: np.ndarray | None = None    # [T, 4] pixels of the reference frame
     blink: np.ndarray | None = None        # [T] bool
+    pose: np.ndarray | None = None         # [T, 4] angle°, tx, ty (128-px pixels), scale
 
     @classmethod
     def from_json(cls, meta: dict) -> "GroundTruth":
@@ -32,7 +34,7 @@ class GroundTruth:
 
         blink = col("blink", np.float64)
         return cls(mouth_open=col("mouth_open", np.float64), mouth_box=col("mouth_box", np.float64),
-                   blink=None if blink is None else blink > 0.5)
+                   blink=None if blink is None else blink > 0.5, pose=col("pose", np.float64))
 
 
 @dataclass
@@ -58,13 +60,27 @@ def _blinks(flags: np.ndarray, fps: float) -> tuple[int, float]:
     return n, n / max(len(flags) / fps, 1e-9)
 
 
+def reference_motion(reference: np.ndarray, truth: GroundTruth | None = None) -> headmotion.FaceMotion:
+    """The reference's head track and aligned frames (tracked against its own
+    first frame, the identity frame): computed once per reference, shared by
+    the generated clip's and the floor's `score_clip`."""
+    truth = truth or GroundTruth()
+    return headmotion.measure(reference, reference[0], truth.mouth_box)
+
+
 def score_clip(generated: np.ndarray, reference: np.ndarray, fps: float = 25.0,
-               truth: GroundTruth | None = None, max_lag: int = 5) -> ClipScore:
+               truth: GroundTruth | None = None, max_lag: int = 5, *,
+               generated_b: np.ndarray | None = None, missing_b: str | None = None,
+               ref_motion: headmotion.FaceMotion | None = None) -> ClipScore:
     """All metrics of `generated` `[Tg, h, w, 3]` vs `reference` `[Tr, H, W, 3]` (uint8 RGB).
 
     The generated clip is resized to H×W; both are cut to min(Tg, Tr) frames.
     Ground truth (when given) supplies the mouth box, the reference mouth
-    opening and the reference blink flags; otherwise they are measured.
+    opening and the reference blink flags (blinks are also measured on the
+    reference, with the generated clip's detector); otherwise they are
+    measured. `generated_b`: a second run of the same clip (another seed) for
+    the variety measures; `missing_b` says why there is none. `ref_motion`:
+    `reference_motion(reference, truth)`, when already computed.
     """
     truth = truth or GroundTruth()
     n_gen, n_ref = len(generated), len(reference)
@@ -83,12 +99,22 @@ def score_clip(generated: np.ndarray, reference: np.ndarray, fps: float = 25.0,
     ref_open = truth.mouth_open[:t] if use_gt else ref_measured
     sync = _sync(ref_open, gen_open, max_lag)
 
-    # --- blinks
-    gen_flags = mouth.detect_blinks(mouth.eye_openness(gen, reg.eyes))
+    # --- head motion and the pose-aligned face (tracked against the identity frame)
+    identity = ref[0]
+    ref_m = (ref_motion or reference_motion(reference, truth)).cut(t)
+    gen_m = headmotion.measure(gen, identity, truth.mouth_box)
+    gen_b_m = None
+    if generated_b is not None:
+        gb, _ = M.match_frames(generated_b, ref)
+        gen_b_m = headmotion.measure(gb[:t], identity, truth.mouth_box)
+
+    # --- blinks: the same detector on both aligned eye bands; ground truth kept beside
+    gen_flags, ref_measured_flags = gen_m.blinks, ref_m.blinks
     use_gt_blink = truth.blink is not None and len(truth.blink) >= t
-    ref_flags = truth.blink[:t] if use_gt_blink else mouth.detect_blinks(mouth.eye_openness(ref, reg.eyes))
+    ref_flags = truth.blink[:t] if use_gt_blink else ref_measured_flags
     gen_blinks, gen_rate = _blinks(gen_flags, fps)
     ref_blinks, ref_rate = _blinks(ref_flags, fps)
+    ref_blinks_measured, ref_rate_measured = _blinks(ref_measured_flags, fps)
 
     # --- image quality
     psnr_full = M.psnr(gen, ref)
@@ -100,8 +126,8 @@ def score_clip(generated: np.ndarray, reference: np.ndarray, fps: float = 25.0,
     fmse_gen, fmse_ref = M.frame_mse(gen), M.frame_mse(ref)
 
     # --- drift: upper face vs the identity frame (the reference's first frame)
-    identity = np.broadcast_to(ref[:1, :upper], ref[:, :upper].shape)
-    mse_gen, mse_ref = M.mse(gen[:, :upper], identity), M.mse(ref[:, :upper], identity)
+    still = np.broadcast_to(ref[:1, :upper], ref[:, :upper].shape)
+    mse_gen, mse_ref = M.mse(gen[:, :upper], still), M.mse(ref[:, :upper], still)
     first, last, win = M.window_psnr(mse_gen, fps)
     ref_first, ref_last, _ = M.window_psnr(mse_ref, fps)
 
@@ -117,19 +143,29 @@ def score_clip(generated: np.ndarray, reference: np.ndarray, fps: float = 25.0,
         blinks_gen=gen_blinks, blinks_ref=ref_blinks,
         blink_rate_gen=gen_rate, blink_rate_ref=ref_rate,
         blink_rate_ratio=gen_rate / ref_rate if ref_rate > 0 else None,
+        blinks_ref_measured=ref_blinks_measured, blink_rate_ref_measured=ref_rate_measured,
+        blink_rate_ratio_measured=gen_rate / ref_rate_measured if ref_rate_measured > 0 else None,
         psnr=float(psnr_full.mean()), ssim=float(ssim_full.mean()),
         psnr_upper=float(psnr_up.mean()), ssim_upper=float(ssim_up.mean()),
         flow_gen=flow_gen, flow_ref=flow_ref, flow_ratio=flow_gen / flow_ref if flow_ref > 0 else None,
         fmse=fmse_gen, fmse_ref=fmse_ref,
         drift_first_db=first, drift_last_db=last, drift_db=last - first,
         drift_ref_db=ref_last - ref_first, drift_window_frames=win,
+        **headmotion.head_motion(gen_m, ref_m),
+        **headmotion.track_vs_truth(ref_m, truth.pose),
+        **headmotion.face_quality(gen_m, ref_m, identity, upper, fps),
+        **headmotion.variety(gen_m, gen_b_m, missing_b),
     )
     scale_lo, scale_hi = np.percentile(ref_measured, [1, 99])
     span = max(scale_hi - scale_lo, 1.0)
     series = dict(
         mouth_gt=truth.mouth_open[:t] if use_gt else None,
         mouth_ref=(ref_measured - scale_lo) / span, mouth_gen=(gen_open - scale_lo) / span,
-        blink_gen=gen_flags, blink_ref=ref_flags,
+        blink_gen=gen_flags, blink_ref=ref_flags, blink_ref_measured=ref_measured_flags,
+        eye_gen=gen_m.eye_open, eye_ref=ref_m.eye_open,
+        track_gen=gen_m.track, track_ref=ref_m.track,
+        track_gen_b=None if gen_b_m is None else gen_b_m.track,
+        track_gt=None if truth.pose is None or len(truth.pose) < t else truth.pose[:t, :3] - truth.pose[:1, :3],
         drift_gen=M.db(mse_gen), drift_ref=M.db(mse_ref),
     )
     return ClipScore(metrics=metrics, series=series, regions=reg)

@@ -19,7 +19,12 @@ from dheads.platform.cli import main
 from dheads.platform.media import read_video, write_video
 
 STEMS = ("val_0004", "val_0020", "val_0024")  # the shortest val clips (63-73 frames)
-REQUIRED = {"sync_r", "sync_lag", "blink_rate_ratio", "psnr_upper", "ssim_upper", "flow_ratio", "fmse", "clips"}
+REQUIRED = {"sync_r", "sync_lag", "blink_rate_ratio", "psnr_upper", "ssim_upper", "flow_ratio", "fmse", "clips",
+            "head_motion_ratio_angle", "head_motion_ratio_tx", "head_motion_ratio_ty", "head_track_r_gt_angle",
+            "blink_rate_ref_measured", "blink_rate_ratio_measured", "identity_psnr_gen", "identity_psnr_ref",
+            "identity_psnr_first", "identity_psnr_last", "flicker_ratio", "sharpness_ratio",
+            "variety_track_r", "variety_blink_r", "variety_reason", "missing_clips"}
+PLOTS = ("frames", "curves", "motion")  # the report's images per clip
 
 
 def _static_identity(src: Path, dst: Path, size: int | None = 64) -> None:
@@ -56,6 +61,12 @@ def test_eval_cli_writes_averages_and_per_clip_json(local_eval, capsys):
     assert avg["clips"] == len(STEMS) and avg["resized_clips"] == len(STEMS)
     assert avg["sync_r"] == 0.0 and avg["sync_static_clips"] == len(STEMS) and avg["sync_lag"] is None
     assert avg["flow_ratio"] < 0.05 and avg["fmse"] < 1.0
+    # the still frame: no head motion, no blinks, no flicker; the tracker is trusted on the references
+    assert max(avg[f"head_motion_ratio_{a}"] for a in ("angle", "tx", "ty")) < 0.05
+    assert avg["blink_rate_gen"] == 0 and avg["flicker_ratio"] < 0.15
+    assert min(avg[f"head_track_r_gt_{a}"] for a in ("angle", "tx", "ty")) > 0.9
+    assert avg["variety_track_r"] is None and "generated_b not given" in avg["variety_reason"]
+    assert avg["missing_clips"] == 40 - len(STEMS)
     assert 10 < avg["psnr_upper"] < 40 and 0 < avg["ssim_upper"] < 1
     doc = json.loads((out / "metrics.json").read_text())
     assert doc["averages"] == avg
@@ -103,7 +114,8 @@ def test_report_renders_in_headless_chromium(local_eval, capsys, tmp_path):
     refs = _Refs()
     refs.feed(index.read_text())
     imgs = [src for kind, src in refs.refs if kind == "img"]
-    assert len(imgs) == 2 * len(STEMS)
+    assert len(imgs) == len(PLOTS) * len(STEMS)
+    assert {f"img/{stem}_{plot}.png" for stem in STEMS for plot in PLOTS} == set(imgs)
     for kind, target in refs.refs:
         assert "://" not in target and not target.startswith("/"), target
         assert (out / unquote(target)).is_file(), target
@@ -115,10 +127,11 @@ def test_report_renders_in_headless_chromium(local_eval, capsys, tmp_path):
 
     dom = _chromium("--dump-dom", index.as_uri(), cwd=tmp_path)
     assert dom.returncode == 0, dom.stderr[-2000:]
-    assert '<table id="metrics">' in dom.stdout
+    assert '<table id="metrics">' in dom.stdout and '<table id="motion">' in dom.stdout
     for stem in STEMS:
         assert f">{stem}</a></td>" in dom.stdout
-    assert "not available offline" in dom.stdout and dom.stdout.count("<img") == 2 * len(STEMS)
+    assert "not available offline" in dom.stdout and dom.stdout.count("<img") == len(PLOTS) * len(STEMS)
+    assert f"no generated clip ({40 - len(STEMS)}): val_0000, val_0001" in dom.stdout  # named
 
     shot = tmp_path / "shot.png"
     res = _chromium("--window-size=1200,2000", f"--screenshot={shot}", index.as_uri(), cwd=tmp_path)
@@ -147,8 +160,8 @@ def test_eval_reads_and_writes_s3(benchmark_dir, s3_bucket, tmp_path, capsys):
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="eval/")["Contents"]}
     want = {"eval/metrics.json", "eval/index.html"}
     for stem in STEMS[:2]:
-        want |= {f"eval/img/{stem}_frames.png", f"eval/img/{stem}_curves.png",
-                 f"eval/videos/generated/{stem}.mp4", f"eval/videos/reference/{stem}.mp4"}
+        want |= {f"eval/img/{stem}_{plot}.png" for plot in PLOTS}
+        want |= {f"eval/videos/generated/{stem}.mp4", f"eval/videos/reference/{stem}.mp4"}
     assert want <= keys, want - keys
     doc = json.loads(s3.get_object(Bucket=bucket, Key="eval/metrics.json")["Body"].read())
     assert doc["clips"][STEMS[0]]["reference_mouth"] == "ground truth"  # the .json came from S3
