@@ -36,11 +36,16 @@ UNet under bf16 autocast on CPUs that have it), and are scored by
   another seed (`<out>/<spec>_seed1/`) and the row gains the variety
   measures (`variety_track_r`, `variety_blink_r`: how alike the two runs'
   head tracks and blinks are; null with `variety_reason` otherwise);
-- `long_clip` (`--long-clip`): a 30 s clip of an unseen identity made with
-  `dheads synth`, dubbed in segments of ≤ 8 s: upper-face PSNR against the
-  reference over the first and the last 5 s, the same for the reference's
-  own drift (reference vs its first frame), and the seam ratio — the largest
-  frame-to-frame change at a segment joint ÷ the median frame-to-frame change.
+- `long_clip` (`--long-clip`, default 60 s): a clip of an unseen identity
+  made with `dheads synth`, dubbed in segments of ≤ 8 s: the pose-aligned
+  upper face against the identity frame over the first and the last 10 s
+  (`identity_drop_db`) beside the reference's own change
+  (`ref_identity_drop_db`); head-motion ratios over the whole clip; the seam
+  ratio — the largest frame-to-frame change at a segment joint ÷ the median
+  frame-to-frame change — beside the same statistic over every other window
+  of the clip (p50, p90) and how many joints exceed that p90
+  (`joints_over_p90`); and upper-face PSNR against the reference over the
+  first and the last 5 s (a sanity figure).
 
 `--smoke` (the test suite): a random 16-px checkpoint, 2 clips of 0.4 s,
 DDIM 2, two seeds, a 2 s long clip; the same code path, figures meaningless.
@@ -71,7 +76,8 @@ JSON_KEYS = ("bench", "checkpoint", "clips", "seconds_per_clip", "image_size", "
              *(f"samplers.0.{k}" for k in ROW_KEYS + ("sampler", "frames_per_s", "wall_s")),
              "long_clip.seconds", "long_clip.segments", "long_clip.psnr_upper_first5s",
              "long_clip.psnr_upper_last5s", "long_clip.ref_drift_db", "long_clip.gen_drop_db",
-             "long_clip.seam_ratio")
+             "long_clip.seam_ratio", "long_clip.identity_drop_db", "long_clip.ref_identity_drop_db",
+             "long_clip.joints_over_p90")
 
 
 def cut_references(val: Path, out: Path, clips: int, seconds: float) -> list[str]:
@@ -224,7 +230,26 @@ def long_clip(checkpoint: str, spec: str, out: Path, seconds: float, threads: in
     for s in seams:
         away[max(0, s - 1 - width): s + width] = False
     elsewhere = window[away] / median if away.any() else np.array([np.nan])
+    # identity whatever the pose: the pose-aligned upper face against the
+    # identity frame over the first and the last 10 s, beside the reference's own change
+    from dheads.jobs.evaluation import headmotion
+
+    boxes = np.asarray(truth["frames"]["mouth_box"])
+    face_g, face_r = headmotion.measure(g, r[0], boxes), headmotion.measure(r, r[0], boxes)
+    q = headmotion.face_quality(face_g, face_r, r[0], upper, FPS)
+    motion = headmotion.head_motion(face_g, face_r)
+    p90 = float(np.percentile(elsewhere, 90))
     return {"seconds": round(len(g) / FPS, 2), "segments": len(seams) + 1, "sampler": spec,
+            "identity_psnr_first10s": round(q["identity_psnr_first"], 2),
+            "identity_psnr_last10s": round(q["identity_psnr_last"], 2),
+            "identity_drop_db": round(q["identity_psnr_first"] - q["identity_psnr_last"], 2),
+            "ref_identity_psnr_first10s": round(q["identity_psnr_ref_first"], 2),
+            "ref_identity_psnr_last10s": round(q["identity_psnr_ref_last"], 2),
+            "ref_identity_drop_db": round(q["identity_psnr_ref_first"] - q["identity_psnr_ref_last"], 2),
+            "head_motion_ratio": {k[len("head_motion_ratio_"):]: (None if v is None else round(v, 2))
+                                  for k, v in motion.items() if k.startswith("head_motion_ratio_")},
+            # each joint's change against the same window elsewhere in the clip, p90
+            "joints_over_p90": int(sum(c / median > p90 for c in at_seams)),
             "wall_s": round(wall, 1),
             "psnr_upper_first5s": round(float(psnr[:n5].mean()), 2),
             "psnr_upper_last5s": round(float(psnr[-n5:].mean()), 2),
@@ -313,7 +338,7 @@ def main() -> None:
     ap.add_argument("--clips", type=int, default=0, help="0: all")
     ap.add_argument("--seconds", type=float, default=0.0, help="0: full length")
     ap.add_argument("--samplers", default="default", help="'': val clips not dubbed")
-    ap.add_argument("--long-clip", type=float, default=30.0, help="seconds of the long clip; 0: skip")
+    ap.add_argument("--long-clip", type=float, default=60.0, help="seconds of the long clip; 0: skip")
     ap.add_argument("--long-clip-samplers", default="",
                     help="sampler specs for the long clip (default: the first of --samplers)")
     ap.add_argument("--out", default="runs/quality")

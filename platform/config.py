@@ -130,7 +130,7 @@ class DubConfig:
     # Segment joints (segments.py): each segment but the last runs
     # `crossfade_frames` past its end, blended into the next; each but the
     # first starts `lead_in_frames` before its cut and drops them (its
-    # start-up frames). 6 + 4 measured on a 30 s clip (README "Quality").
+    # start-up frames). 6 + 4 measured on a 30 s clip (docs/quality.md).
     crossfade_frames: int = 6
     lead_in_frames: int = 4
     batch_size: int = 16                 # concurrent segments per model worker

@@ -19,9 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.ndimage import median_filter
 
 from dheads.platform.faces import MOUTH_IN_CROP
+from dheads.platform.facemotion import (BLINK_BASELINE_FRAMES, BLINK_DROP, blink_events,  # noqa: F401
+                                        detect_blinks, gradient_energy)
 
 # Mouth opening: a pixel's "darkness" ramps from 0 at 0.715·m to 1 at 0.385·m,
 # m = the clip's median luminance inside the mouth box (mostly lips and skin).
@@ -29,10 +30,8 @@ from dheads.platform.faces import MOUTH_IN_CROP
 # report.METHODS); the soft ramp keeps the signal smooth on upscaled 64 px video.
 DARK_CENTRE = 0.55
 DARK_HALF_WIDTH = 0.165
-# Blinks: eye-band gradient energy below this fraction of its 15-frame
-# (0.6 s) running median. Blinks last 3-5 frames, so the median ignores them.
-BLINK_DROP = 0.85
-BLINK_BASELINE_FRAMES = 15
+# Blinks: the detector of platform/facemotion.py (the one preprocessing and
+# the motion prior use), re-exported here for the scoring code.
 
 
 @dataclass(frozen=True)
@@ -116,24 +115,4 @@ def eye_openness(frames: np.ndarray, box) -> np.ndarray:
     closed lid is smooth skin. On the val clips this follows the ground-truth
     `eyelid` at r ≈ 0.93 (best of luminance std, dark/bright pixel fractions).
     """
-    lum = luminance(crop(frames, box))
-    gy = np.abs(np.diff(lum, axis=1))[:, :, 1:]
-    gx = np.abs(np.diff(lum, axis=2))[:, 1:, :]
-    return (gx + gy).mean(axis=(1, 2)).astype(np.float64)
-
-
-def detect_blinks(openness: np.ndarray) -> np.ndarray:
-    """Blink flags `[T]` bool: openness below BLINK_DROP × its running median."""
-    x = np.asarray(openness, np.float64)
-    if x.size == 0:
-        return np.zeros(0, bool)
-    base = median_filter(x, size=min(BLINK_BASELINE_FRAMES, x.size), mode="nearest")
-    return x < BLINK_DROP * np.maximum(base, 1e-9)
-
-
-def blink_events(flags: np.ndarray) -> int:
-    """Number of runs of consecutive True flags (one run = one blink)."""
-    f = np.asarray(flags, bool)
-    if f.size == 0:
-        return 0
-    return int(f[0]) + int((f[1:] & ~f[:-1]).sum())
+    return gradient_energy(frames, box)
