@@ -696,11 +696,17 @@ def main(argv=None) -> dict:
         ctx["flops_per_forward"] = count_flops(cfg, batch=1)
         doc["gflops_per_forward"] = round(ctx["flops_per_forward"] / 1e9, 3)
         doc["train_gflops_per_sample"] = round(3 * ctx["flops_per_forward"] / 1e9, 3)
-        ctx["peak_flops"] = measure_matmul_flops(device, torch.bfloat16, seconds=0.3 if args.smoke else 2.0)
+        # bf16 where the device computes it natively; a CPU without AVX512-BF16/AMX
+        # emulates bf16 matmuls at a few GFLOP/s (minutes for one 1024^2 product)
+        from dheads.model.precision import cpu_bf16_supported
+
+        peak_dtype = torch.bfloat16 if device.type == "cuda" or cpu_bf16_supported() else torch.float32
+        ctx["peak_flops"] = measure_matmul_flops(device, peak_dtype, seconds=0.3 if args.smoke else 2.0)
         doc["peak_tflops"] = round(ctx["peak_flops"] / 1e12, 3)
+        doc["peak"] = f"{str(peak_dtype).removeprefix('torch.')} square matmuls, measured here (dheads.platform.peak)"
         doc["diagnostics"]["fused_attention"] = fused_attention_check(cfg, device)
-        log.info("%s: %s params, %.1f GFLOPs/forward, peak %.1f TFLOP/s bf16", cfg.preset,
-                 doc["params"], doc["gflops_per_forward"], doc["peak_tflops"])
+        log.info("%s: %s params, %.1f GFLOPs/forward, peak %.1f TFLOP/s %s", cfg.preset,
+                 doc["params"], doc["gflops_per_forward"], doc["peak_tflops"], peak_dtype)
         report.save()
         for name in [s for s in args.sections] + [s for s in SECTIONS if s not in args.sections]:
             run_section(ctx, name)

@@ -75,8 +75,10 @@ def main() -> None:
         signals.append(fm.motion_signals(f, boxes))
     n = min(len(f) for _, f in rows)
     picks = np.arange(0, n, max(1, int(round(args.every * 25))))
-    fig = plt.figure(figsize=(max(8, 1.0 * len(picks) + 4), 2.0 * len(rows) + 4.5))
-    grid = fig.add_gridspec(len(rows) + 2, len(picks), height_ratios=[1] * len(rows) + [1.4, 1.0])
+    width = 1.15 * len(picks)
+    fig = plt.figure(figsize=(width, 1.15 * len(rows) + 3.6))
+    grid = fig.add_gridspec(len(rows) + 2, len(picks), height_ratios=[1] * len(rows) + [1.8, 1.3],
+                            hspace=0.15, wspace=0.05)
     for r, (label, frames) in enumerate(rows):
         for c, k in enumerate(picks):
             ax = fig.add_subplot(grid[r, c])
@@ -104,7 +106,7 @@ def main() -> None:
     ax.set_title("eye openness (1 = open; ticks: detected blinks)", fontsize=9)
     ax.set_xlabel("s", fontsize=8)
     ax.tick_params(labelsize=7)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.07, right=0.99, top=0.97, bottom=0.05)
     fig.savefig(args.out, dpi=90)
     print(args.out)
 
