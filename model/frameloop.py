@@ -230,7 +230,10 @@ class FrameLoop:
             self.eye_open[i] = slot.eye_open[slot.k]
         every = int(mc.stabilize_every)
         if every > 0 and slot.k > 0 and slot.k % every == 0:
-            self.motion[i, 0] = grayscale(self.identity_in[i])[0]
+            # frame k−2's place: the identity (at frame k−2's pose with pose_warp)
+            older = self.identity[i] if slot.pose is None else \
+                warp_to_pose(self.identity[i:i + 1], slot.pose[max(slot.k - 2, 0):max(slot.k - 2, 0) + 1])[0]
+            self.motion[i, 0] = grayscale(older)[0]
         frames = (slot.k + torch.arange(-c, c + 1, device=self.device)).clamp(clip.frame_lo, slot.frame_hi)
         self.audio[i] = clip.features[frames + clip.row_of_frame0]
         if mc.infer_noise > 0:
