@@ -2,6 +2,7 @@
 are the true previous frames in grayscale, audio windows are edge-padded."""
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import numpy as np
@@ -34,7 +35,9 @@ def test_tuples_are_true_frames_motion_and_audio_windows(shards):
     data = compose("train", ["data.frames_per_clip_epoch=5", "data.shuffle_buffer=16"]).data
     clips = load_clip_rows(out)
     assert len(clips) == 6
-    ds = training_dataset(out, cfg.model, data)
+    # identity as it is (the preset's pose_warp moves it: checked below)
+    still = dataclasses.replace(cfg.model, motion=dataclasses.replace(cfg.model.motion, pose_warp=False))
+    ds = training_dataset(out, still, data)
     m = cfg.model.audio.context
     size = cfg.model.image_size
     n = 0
@@ -78,6 +81,32 @@ def test_first_frames_pad_motion_with_identity(shards):
                                atol=1e-5)
     feats = tuples[0]["audio"]
     np.testing.assert_allclose(feats[0], feats[2])                  # k-2, k-1 clamp to frame 0
+
+
+def test_pose_warp_moves_the_identity_to_the_targets_measured_pose(shards):
+    """With pose_warp (the tiny preset) the identity is frame 0 warped by the
+    shard's head_pose of frame k; eye_open is the shard's eye openness."""
+    from dheads.jobs.reader import clip_tuples
+    from dheads.model.posewarp import warp_to_pose
+
+    out, cfg = shards
+    import pyarrow.parquet as pq
+
+    assert cfg.model.motion.pose_warp and cfg.model.motion.eye_embed
+    row = pq.read_table(pp.shard_uris(out, cfg.storage)[0]).to_pylist()[0]
+    poses = np.asarray(row["head_pose"], np.float32)
+    assert poses.shape == (row["n_frames"], 3) and not poses[0].any()
+    plain = {t["frame_index"]: t for t in clip_tuples(row, 2, row["n_frames"], seed=0)}
+    warped = clip_tuples(row, 2, row["n_frames"], seed=0, pose_warp=True, eye_embed=True)
+    moved = 0
+    for t in warped:
+        k = int(t["frame_index"])
+        want = warp_to_pose(torch.from_numpy(plain[k]["identity"])[None], torch.from_numpy(poses[k])[None])[0]
+        np.testing.assert_allclose(t["identity"], want.numpy(), atol=1e-6)
+        assert t["eye_open"] == pytest.approx(row["eye_open"][k])
+        np.testing.assert_allclose(t["target"], plain[k]["target"])
+        moved += bool(np.abs(poses[k]).max() > 0.2)
+    assert moved > 0  # the synthetic clips' heads move
 
 
 def test_streaming_split_feeds_two_workers(shards):
