@@ -154,8 +154,6 @@ class DiffusedHeads(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(mc, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.motion_noise_embed = (nn.Sequential(nn.Linear(mc, emb), nn.SiLU(), _zero(nn.Linear(emb, emb)))
                                    if cfg.motion.embed_noise else None)
-        self.eye_embed = (nn.Sequential(nn.Linear(mc, emb), nn.SiLU(), _zero(nn.Linear(emb, emb)))
-                          if cfg.motion.eye_embed else None)
         self.audio_encoder = AudioEncoder(cfg.audio)
         self.audio_embed = nn.Sequential(
             nn.Linear(cfg.audio.window_frames * cfg.audio.embed_dim, emb), nn.SiLU(),
@@ -195,6 +193,9 @@ class DiffusedHeads(nn.Module):
                 self.output_blocks.append(CondSequential(layers))
         self.out = nn.Sequential(nn.GroupNorm(g, ch), nn.SiLU(),
                                  _zero(nn.Conv2d(ch, cfg.out_channels, 3, padding=1)))
+        # built last, so turning it on leaves every other module's initialisation as it was
+        self.eye_embed = (nn.Sequential(nn.Linear(mc, emb), nn.SiLU(), _zero(nn.Linear(emb, emb)))
+                          if cfg.motion.eye_embed else None)
 
     def blocks(self) -> Iterator[nn.Module]:
         """The sub-modules FSDP2 shards one by one (the root takes the rest:
