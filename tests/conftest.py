@@ -106,6 +106,23 @@ def benchmark_dir() -> Path:
     return BENCHMARK
 
 
+@pytest.fixture(scope="session")
+def val_clip(benchmark_dir):
+    """`val_clip(stem) -> (frames [T, H, W, 3] uint8, ground-truth JSON dict)`
+    of a benchmark val clip, decoded once per session."""
+    import json
+    from functools import lru_cache
+
+    from dheads.platform.media import read_video
+
+    @lru_cache(maxsize=None)
+    def load(stem: str):
+        base = benchmark_dir / "val" / stem
+        frames = read_video(base.with_suffix(".mp4"), require_audio=False).frames
+        return frames, json.loads(base.with_suffix(".json").read_text())
+    return load
+
+
 def make_video(path, n_frames: int = 30, fps: float = 25.0, size: tuple[int, int] = (64, 64),
                audio_rate: int | None = 16000, channels: int = 1, video: bool = True,
                vfr: bool = False, codec: str = "libx264", container: str | None = None):

@@ -3,7 +3,6 @@ video scores r ≈ 1 at lag 0 against its own `mouth_open`, a frozen mouth
 scores r ≈ 0, a 5-frame delay shows lag +5, blinks match the `blink` flags."""
 from __future__ import annotations
 
-import json
 
 import cv2
 import numpy as np
@@ -19,12 +18,11 @@ CLIPS = ("val_0001", "val_0012", "val_0017")  # short clips with blinks (99, 76,
 
 
 @pytest.fixture(scope="module")
-def clips(benchmark_dir):
+def clips(val_clip):
     out = {}
     for stem in CLIPS:
-        base = benchmark_dir / "val" / stem
-        frames = read_video(base.with_suffix(".mp4"), require_audio=False).frames
-        out[stem] = (frames, GroundTruth.from_json(json.loads(base.with_suffix(".json").read_text())))
+        frames, meta = val_clip(stem)
+        out[stem] = (frames, GroundTruth.from_json(meta))
     return out
 
 

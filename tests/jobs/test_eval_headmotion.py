@@ -7,7 +7,6 @@ that turns into someone else loses it, and the same clip twice has the same
 motion while a time-reversed copy does not."""
 from __future__ import annotations
 
-import json
 
 import cv2
 import numpy as np
@@ -22,12 +21,11 @@ CLIPS = ("val_0004", "val_0020", "val_0001")  # 63, 73, 99 frames; 1, 0, 3 blink
 
 
 @pytest.fixture(scope="module")
-def clips(benchmark_dir):
+def clips(val_clip):
     out = {}
     for stem in CLIPS:
-        base = benchmark_dir / "val" / stem
-        frames = read_video(base.with_suffix(".mp4"), require_audio=False).frames
-        truth = GroundTruth.from_json(json.loads(base.with_suffix(".json").read_text()))
+        frames, meta = val_clip(stem)
+        truth = GroundTruth.from_json(meta)
         out[stem] = (frames, truth, reference_motion(frames, truth))
     return out
 
