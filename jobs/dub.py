@@ -189,10 +189,6 @@ def run(cfg: DubJob) -> int:
     # workers do not share the driver's working directory
     output, checkpoint = _absolute(cfg.output), _absolute(cfg.checkpoint)
     ckpt = json.loads(Path(fetch_model_checkpoint(checkpoint, cfg.storage), CONFIG).read_text())
-    from dheads.model.config import MotionConfig, from_dict
-
-    print(f"[dub] {checkpoint}: {from_dict(MotionConfig, ckpt['model'].get('motion', {})).describe()}",
-          file=sys.stderr, flush=True)
     if not storage.exists(cfg.manifest, cfg.storage):
         raise UserError(f"manifest {cfg.manifest}: no such file (a JSONL/CSV/Parquet list of "
                         "identity, audio[, output, item_id])")
@@ -201,6 +197,11 @@ def run(cfg: DubJob) -> int:
     env = {"runtime_env": {"env_vars": storage.s3_env(cfg.storage)}}
     manifest = read_manifest(cfg.manifest, cfg.storage, env["runtime_env"])
     check_manifest(manifest, output, base)
+    from dheads.model.config import MotionConfig, from_dict
+
+    # said once the manifest is accepted, so that a refusal is the only line a user sees
+    print(f"[dub] {checkpoint}: {from_dict(MotionConfig, ckpt['model'].get('motion', {})).describe()}",
+          file=sys.stderr, flush=True)
     n_items = manifest.count()
     segments = manifest.map_batches(
         prepare_segments, batch_size=4, concurrency=cfg.dub.prepare_concurrency,
