@@ -32,6 +32,8 @@ clip starts the motion frames are the identity frame, as at inference.
 `data.color_jitter` s > 0 changes the colours of identity, target and
 previous frames together (per-channel gain 1 ± s, offset ± s/2, one draw per
 tuple), so the model must take colour from the identity frame.
+`data.blink_tuples` b > 0 (with `motion.eye_embed`) draws a share b of each
+clip's target frames in or beside its blinks (`target_frames`).
 
 Shuffling is two-level: shard files are read in random order
 (`read_parquet(shuffle="files")`), and `iter_training_batches` draws from a
@@ -101,10 +103,30 @@ def jitter(images: list[np.ndarray], strength: float, rng: np.random.Generator) 
     return [np.clip(img * gain + offset, -1, 1) for img in images]
 
 
+def target_frames(n: int, count: int, rng: np.random.Generator, eyes: np.ndarray | None = None,
+                  blink_tuples: float = 0.0) -> np.ndarray:
+    """`min(count, n)` distinct target frames of an n-frame clip, sorted: a
+    `blink_tuples` share of them (as far as there are) in or beside a blink
+    of `eyes`, the rest uniform over the other frames."""
+    size = min(count, n)
+    if eyes is None or blink_tuples <= 0:
+        return np.sort(rng.choice(n, size=size, replace=False))
+    from dheads.platform.facemotion import detect_blinks
+
+    near = detect_blinks(eyes)
+    near = near | np.r_[near[1:], False] | np.r_[False, near[:-1]]  # the frame before and after too
+    blink, other = np.flatnonzero(near), np.flatnonzero(~near)
+    n_blink = min(len(blink), int(round(blink_tuples * size)), size)
+    n_blink = max(n_blink, size - len(other))
+    picked = np.r_[rng.choice(blink, size=n_blink, replace=False),
+                   rng.choice(other, size=size - n_blink, replace=False)]
+    return np.sort(picked.astype(np.int64))
+
+
 def clip_tuples(row: dict, context: int, count: int, seed: int, epoch: int = 0,
                 identity_frame: IdentitySource | str = IdentitySource.first,
                 color_jitter: float = 0.0, pose_warp: bool = False,
-                eye_embed: bool = False) -> list[dict]:
+                eye_embed: bool = False, blink_tuples: float = 0.0) -> list[dict]:
     """One shard row (a clip) -> `count` training tuples (see the module table)."""
     import torch
 
@@ -118,7 +140,8 @@ def clip_tuples(row: dict, context: int, count: int, seed: int, epoch: int = 0,
     n = int(row["n_frames"])
     clip_id = str(row["clip_id"])
     rng = np.random.default_rng([seed, epoch, zlib.crc32(clip_id.encode())])
-    ks = np.sort(rng.choice(n, size=min(count, n), replace=False))
+    eyes = np.asarray(row["eye_open"], np.float32) if eye_embed else None
+    ks = target_frames(n, count, rng, eyes, blink_tuples)
     random_identity = IdentitySource(identity_frame) == IdentitySource.random and n > 1
     # a random identity frame other than the target (uniform over the others)
     ids = {int(k): (int(j) + (j >= k) if random_identity else 0)
@@ -129,7 +152,6 @@ def clip_tuples(row: dict, context: int, count: int, seed: int, epoch: int = 0,
     feats = torch.from_numpy(_features(row))
     boxes = np.asarray([np.asarray(b, np.float32) for b in row["mouth_boxes"]], np.float32)
     poses = np.asarray(row["head_pose"], np.float64).reshape(-1, 3) if pose_warp else None
-    eyes = np.asarray(row["eye_open"], np.float32) if eye_embed else None
     out = []
     for k in ks:
         k = int(k)
@@ -184,7 +206,8 @@ def training_dataset(shards_uri: str, model_cfg: ModelConfig, data_cfg: DataConf
                                                  identity_frame=data_cfg.identity_frame,
                                                  color_jitter=data_cfg.color_jitter,
                                                  pose_warp=model_cfg.motion.pose_warp,
-                                                 eye_embed=model_cfg.motion.eye_embed))
+                                                 eye_embed=model_cfg.motion.eye_embed,
+                                                 blink_tuples=data_cfg.blink_tuples))
     if global_shuffle:
         ds = ds.random_shuffle(seed=data_cfg.seed + epoch)
     return ds

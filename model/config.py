@@ -181,6 +181,11 @@ class DiffusionConfig:
     # L_ls box grown by this fraction of the image size on every side
     # (official: 5 px at 128 px ≈ 0.04).
     mouth_margin: float = 0.0
+    # L_eye (dheads extension): the same loss over each sample's eye band (from
+    # its mouth box, as `platform/facemotion.py::eye_band`), weighted like L_ls.
+    # A blink changes a few hundred pixels for a few frames: in L_simple it is
+    # noise; the band's own mean makes it a signal the eye embedding can learn.
+    lambda_eye: float = 0.0
 
     @property
     def learn_sigma(self) -> bool:

@@ -20,7 +20,8 @@ prediction target (ε, x₀ or v) and w_t the min-SNR-γ weight (1 when off):
                −log p_θ(x_0|x_1) (discretised Gaussian) at t = 0,
                with the mean stop-gradiented so L_vlb only trains Σ_θ
     L_ls     = w_t ‖y − y_θ‖² over each sample's mouth box (+ margin) only
-    L        = (1 − λ_vlb − λ_ls) L_simple + λ_vlb L_vlb + λ_ls L_ls
+    L_eye    = the same over each sample's eye band (dheads, `lambda_eye`; 0 in the paper)
+    L        = (1 − λ_vlb − λ_ls − λ_eye) L_simple + λ_vlb L_vlb + λ_ls L_ls + λ_eye L_eye
 
 Identity residual (dheads extension, `identity_residual`): the process
 runs on r = x₀ − identity; clipping and the decoder likelihood still act on
@@ -95,6 +96,16 @@ def mouth_mask(mouth_box: torch.Tensor, height: int, width: int, margin: float =
     in_x = (xs[None] + 1 > box[:, 0:1]) & (xs[None] < box[:, 2:3])  # [B, W]
     in_y = (ys[None] + 1 > box[:, 1:2]) & (ys[None] < box[:, 3:4])  # [B, H]
     return (in_y[:, :, None] & in_x[:, None, :]).unsqueeze(1).float()
+
+
+def eye_mask(mouth_box: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """`[B, 4]` mouth boxes -> `[B, 1, H, W]` mask of each face's eye band:
+    x within ±0.95 w of the mouth centre, y from 0.95 w to 0.1 w above its top
+    (w the mouth width; the geometry of `platform/facemotion.py::eye_band`)."""
+    box = mouth_box.to(torch.float32)
+    w, cx, top = box[:, 2] - box[:, 0], 0.5 * (box[:, 0] + box[:, 2]), box[:, 1]
+    band = torch.stack([cx - 0.95 * w, top - 0.95 * w, cx + 0.95 * w, top - 0.1 * w], dim=1)
+    return mouth_mask(band, height, width)
 
 
 class GaussianDiffusion:
@@ -255,7 +266,7 @@ class GaussianDiffusion:
         `cond = dict(identity=[B,3,H,W], motion=[B,2,H,W], audio=[B,W,*feat]
         [, motion_sigma=[B]] [, eye_open=[B]])` (identity already warped to
         the target's pose with `motion.pose_warp`); `mouth_box` [B,4] pixels. Returns `[B]`
-        tensors `loss`, `mse` (the weighted L_simple), `vlb`, `ls`."""
+        tensors `loss`, `mse` (the weighted L_simple), `vlb`, `ls`, `eye` (0 without `lambda_eye`)."""
         b = x0.shape[0]
         if t is None:
             t = torch.randint(0, self.num_timesteps, (b,), device=x0.device)
@@ -274,6 +285,12 @@ class GaussianDiffusion:
         mask = mouth_mask(mouth_box.to(x0.device), x0.shape[-2], x0.shape[-1], margin).to(sq.dtype)
         area = mask.sum(dim=(1, 2, 3)) * sq.shape[1]
         ls = weight * (sq * mask).sum(dim=(1, 2, 3)) / area.clamp(min=1.0)
+        lam_eye = self.cfg.lambda_eye
+        if lam_eye > 0:
+            eyes = eye_mask(mouth_box.to(x0.device), x0.shape[-2], x0.shape[-1]).to(sq.dtype)
+            eye = weight * (sq * eyes).sum(dim=(1, 2, 3)) / (eyes.sum(dim=(1, 2, 3)) * sq.shape[1]).clamp(min=1.0)
+        else:
+            eye = torch.zeros_like(mse)
         if v is None:
             vlb = torch.zeros_like(mse)
         else:
@@ -282,5 +299,5 @@ class GaussianDiffusion:
             vlb = self.vlb_terms(frozen, data, x_t, t, offset)
         lam_vlb = self.cfg.lambda_vlb if v is not None else 0.0
         lam_ls = self.cfg.lambda_ls
-        loss = (1.0 - lam_vlb - lam_ls) * mse + lam_vlb * vlb + lam_ls * ls
-        return dict(loss=loss, mse=mse, vlb=vlb, ls=ls)
+        loss = (1.0 - lam_vlb - lam_ls - lam_eye) * mse + lam_vlb * vlb + lam_ls * ls + lam_eye * eye
+        return dict(loss=loss, mse=mse, vlb=vlb, ls=ls, eye=eye)

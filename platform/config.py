@@ -78,6 +78,11 @@ class DataConfig:
     # Joint colour jitter of identity, target and motion frames (one draw per
     # tuple): per-channel gain in 1 ± s and offset in ± s/2 ([-1, 1] units). 0: off.
     color_jitter: float = 0.0
+    # Share of each clip's tuples whose target lies in or next to a blink
+    # (`platform/facemotion.py::detect_blinks` on the shard's eye_open; models
+    # with motion.eye_embed only). Blinks cover ~5 % of frames; drawn at that
+    # rate the eye embedding barely sees one. 0: uniform draws.
+    blink_tuples: float = 0.0
     seed: int = 0
 
 

@@ -83,10 +83,11 @@ def push(gateway: str, job: str, registry: CollectorRegistry | None = None) -> N
 
 # --------------------------------------------------------------------- training
 TRAINING_FIELDS = {
-    "loss": "total training loss (weighted L_simple + L_vlb + L_ls), mean over the global batch",
+    "loss": "total training loss (weighted L_simple + L_vlb + L_ls + L_eye), mean over the global batch",
     "loss_simple": "L_simple: epsilon MSE",
     "loss_vlb": "L_vlb: variational bound term (trains the variance)",
     "loss_ls": "L_ls: lip-sync loss, epsilon MSE inside the mouth box",
+    "loss_eye": "L_eye: the same inside the eye band (0 without diffusion.lambda_eye)",
     "grad_norm": "global gradient norm before clipping",
     "lr": "learning rate",
     "samples_per_s": "training samples per second, all workers",

@@ -16,7 +16,7 @@ from pathlib import Path
 from dheads.platform import storage
 from dheads.platform.config import StorageConfig
 
-COLUMNS = ["step", "epoch", "loss", "loss_simple", "loss_vlb", "loss_ls", "grad_norm", "lr",
+COLUMNS = ["step", "epoch", "loss", "loss_simple", "loss_vlb", "loss_ls", "loss_eye", "grad_norm", "lr",
            "samples_per_s", "iter_time_s", "step_time_s", "data_s", "mfu"]
 CSV_NAME = "metrics.csv"
 PNG_NAME = "loss_curve.png"
@@ -67,8 +67,9 @@ def plot_losses(rows: list[dict[str, float]], path: Path) -> None:
 
     steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for key, label in (("loss", "total"), ("loss_simple", "L_simple"), ("loss_ls", "L_ls")):
-        axes[0].plot(steps, [r[key] for r in rows], label=label, lw=1)
+    for key, label in (("loss", "total"), ("loss_simple", "L_simple"), ("loss_ls", "L_ls"), ("loss_eye", "L_eye")):
+        if all(r.get(key, 0) > 0 for r in rows):  # L_eye is 0 without diffusion.lambda_eye
+            axes[0].plot(steps, [r[key] for r in rows], label=label, lw=1)
     axes[0].set_yscale("log")
     axes[0].set_xlabel("step")
     axes[0].set_title("training loss")

@@ -58,7 +58,7 @@ def train_step(model: nn.Module, diffusion: GaussianDiffusion, optimizer: torch.
     With `motion.train_noise_max` > 0 the motion frames get Gaussian noise of
     σ ~ U(0, max) per sample (drawn, like t and the diffusion noise, from
     `generator`). Returns this rank's mean losses (`loss`, `loss_simple`,
-    `loss_vlb`, `loss_ls`) and the global gradient norm before clipping.
+    `loss_vlb`, `loss_ls`, `loss_eye`) and the global gradient norm before clipping.
     `cpu_bf16`: forward and loss under bf16 autocast on a CPU (weights,
     gradients and the optimizer stay fp32; the loss math is upcast).
     """
@@ -91,6 +91,7 @@ def train_step(model: nn.Module, diffusion: GaussianDiffusion, optimizer: torch.
     optimizer.step()
     return {"loss": loss.detach(), "loss_simple": losses["mse"].detach().mean(),
             "loss_vlb": losses["vlb"].detach().mean(), "loss_ls": losses["ls"].detach().mean(),
+            "loss_eye": losses["eye"].detach().mean(),
             "grad_norm": grad_norm.detach()}
 
 

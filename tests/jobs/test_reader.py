@@ -123,3 +123,28 @@ def test_streaming_split_feeds_two_workers(shards):
     [t.start() for t in threads]
     [t.join(timeout=120) for t in threads]
     assert counts[0] == counts[1] and sum(counts) == 24
+
+
+def test_blink_tuples_draw_that_share_of_targets_at_blinks():
+    from dheads.jobs.reader import target_frames
+    from dheads.platform.facemotion import detect_blinks
+
+    eyes = np.ones(200, np.float32)
+    for start in (30, 90, 150):  # three 4-frame blinks: 12 of 200 frames, 18 with their neighbours
+        eyes[start:start + 4] = 0.4
+    near = detect_blinks(eyes)
+    near = near | np.r_[near[1:], False] | np.r_[False, near[:-1]]
+    assert near.sum() == 18
+    rng = np.random.default_rng(0)
+    for share, want in ((0.25, 4), (0.5, 8), (1.0, 16)):
+        ks = target_frames(200, 16, rng, eyes, share)
+        assert len(ks) == 16 and len(set(ks.tolist())) == 16 and (np.diff(ks) > 0).all()
+        assert near[ks].sum() == want
+    # more blink frames asked for than the clip has: all of them, the rest elsewhere
+    ks = target_frames(200, 40, rng, eyes, 1.0)
+    assert len(set(ks.tolist())) == 40 and near[ks].sum() == 18
+    # off, or no blinks in the clip: uniform draws, still distinct
+    hits = sum(near[target_frames(200, 16, rng, eyes, 0.0)].sum() for _ in range(200))
+    assert hits < 0.25 * 16 * 200  # uniform expectation 18/200 of them (9 %)
+    assert len(set(target_frames(200, 16, rng, np.ones(200), 0.5).tolist())) == 16
+    assert sorted(target_frames(5, 16, rng, eyes[:5], 0.5).tolist()) == [0, 1, 2, 3, 4]

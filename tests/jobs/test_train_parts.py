@@ -89,7 +89,7 @@ def test_train_step_is_a_pure_function_of_seed_step_and_rank(deterministic_torch
 
     a, b, c = one_step(7), one_step(7), one_step(8)
     assert a == b and a != c
-    assert set(a) == {"loss", "loss_simple", "loss_vlb", "loss_ls", "grad_norm"}
+    assert set(a) == {"loss", "loss_simple", "loss_vlb", "loss_ls", "loss_eye", "grad_norm"}
     assert a["grad_norm"] > 0
 
 

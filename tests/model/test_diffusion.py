@@ -141,3 +141,33 @@ def test_mouth_mask_covers_the_pixels_a_box_overlaps():
     expected = torch.zeros(6, 6)
     expected[2, 1:4] = 1
     assert torch.equal(mask[0, 0], expected)
+
+
+def test_eye_loss_is_mse_inside_the_eye_band_of_facemotion():
+    from dheads.model.diffusion import eye_mask
+    from dheads.platform.facemotion import eye_band
+
+    # the band is the one the eval's eye-openness measure reads
+    boxes = torch.tensor([[20.0, 40.0, 44.0, 50.0], [18.5, 37.2, 40.1, 47.0]])
+    masks = eye_mask(boxes, 64, 64)
+    for m, b in zip(masks, boxes.tolist()):
+        x0, y0, x1, y1 = eye_band(64, tuple(b))
+        rows, cols = m[0].nonzero(as_tuple=True)
+        assert (rows.min(), rows.max() + 1, cols.min(), cols.max() + 1) == (y0, y1, x0, x1)
+        assert m.sum() == (y1 - y0) * (x1 - x0)
+    diffusion = GaussianDiffusion(DiffusionConfig(lambda_ls=0.2, lambda_eye=0.1))
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.rand(2, 3, 64, 64, generator=g) * 2 - 1
+    noise = torch.randn(2, 3, 64, 64, generator=g)
+    err = torch.zeros(2, 3, 64, 64)
+    err[0] = 0.5 * masks[0]  # wrong only inside the eye band
+    err[1] = 0.5 * (1 - masks[1])  # wrong only outside it
+    out = torch.cat([noise + err, torch.zeros_like(noise)], dim=1)
+    cond = dict(identity=None, motion=None, audio=None)
+    losses = diffusion.training_losses(lambda *a: out, x0, cond, boxes, t=torch.tensor([100, 100]), noise=noise)
+    torch.testing.assert_close(losses["eye"], torch.tensor([0.25, 0.0]))
+    torch.testing.assert_close(losses["loss"], (1 - 1e-4 - 0.2 - 0.1) * losses["mse"] + 1e-4 * losses["vlb"]
+                               + 0.2 * losses["ls"] + 0.1 * losses["eye"])
+    off = GaussianDiffusion(DiffusionConfig()).training_losses(lambda *a: out, x0, cond, boxes,
+                                                             t=torch.tensor([100, 100]), noise=noise)
+    assert torch.equal(off["eye"], torch.zeros(2))
