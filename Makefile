@@ -14,7 +14,7 @@ STAMP   := $(VENV)/.dheads-installed
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(CURDIR)/$(VENV)
 
-.PHONY: install lock lock-check test demo bench clean-venv
+.PHONY: install lock lock-check test test-fast demo bench clean-venv
 
 install: $(STAMP)
 
@@ -40,6 +40,12 @@ test: lock-check install
 	@bash scripts/install_chromium.sh   # the HTML report is checked in headless Chromium
 	@bash scripts/install_postgres.sh   # the job store is tested against a real PostgreSQL server
 	$(BIN)/python -m pytest tests -q --durations=15
+
+# The fast tier for iterating: no Serve, no extra Ray clusters, no training
+# runs or benchmark smokes (tests/conftest.py::SLOW names what it leaves out).
+test-fast: install
+	@bash scripts/install_chromium.sh
+	$(BIN)/python -m pytest tests -q -m "not slow" --durations=10
 
 demo: install
 	$(BIN)/python -m dheads.jobs.demo

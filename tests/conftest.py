@@ -22,6 +22,22 @@ BENCHMARK = next((p.resolve() for p in _CANDIDATES if (p / "val" / "manifest.jso
                  _CANDIDATES[0].resolve() if _CANDIDATES else REPO.parent / "shared" / "benchmark")
 
 
+# The slow tier: what starts a Ray cluster beyond the one session, Serve, a
+# training run or a benchmark (`make test-fast` leaves it out; `make test`
+# runs everything). Paths relative to tests/; a file, or a folder with "/".
+SLOW = ("serve/", "infra/", "bench/test_smoke.py", "jobs/test_dub.py", "jobs/test_dub_bad_inputs.py",
+        "jobs/test_preprocess_kill.py", "jobs/test_preprocess_bad_inputs.py", "jobs/test_train.py",
+        "jobs/test_train_gpu.py", "model/test_overfit.py", "platform/test_cluster.py", "test_layout.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    root = Path(__file__).resolve().parent
+    for item in items:
+        rel = Path(str(item.fspath)).resolve().relative_to(root).as_posix()
+        if any(rel.startswith(p) if p.endswith("/") else rel == p for p in SLOW):
+            item.add_marker(pytest.mark.slow)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
