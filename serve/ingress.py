@@ -195,7 +195,7 @@ class DubbingAPI:
         self.store = JobStore(s.job_store, lease_s=s.lease_s, max_attempts=s.max_attempts)
         self.upload_dir = s.upload_dir
         state = [p for p in (self.store.location, self.upload_dir) if p]
-        self.policy = UriPolicy(s.allowed_uris, state)
+        self.policy = UriPolicy(s.allowed_uris, state, protected=[cfg.checkpoint])
         self.metrics = ServeMetrics(_replica_id())
         self.runner = JobRunner(cfg, model, self.store, self.metrics)
         self.runner.start()
@@ -211,9 +211,9 @@ class DubbingAPI:
                                 headers={"WWW-Authenticate": "Bearer"})
         return tenant
 
-    def _allowed(self, uri: str, tenant: str) -> str:
+    def _allowed(self, uri: str, tenant: str, output: bool = False) -> str:
         try:
-            return self.policy.check(uri, tenant)
+            return (self.policy.check_output if output else self.policy.check)(uri, tenant)
         except UriForbidden as e:
             raise _fail(403, str(e)) from e
 
@@ -320,7 +320,7 @@ class DubbingAPI:
             job.items.append(ItemRecord(**it.model_dump(exclude={"identity", "audio", "output"}),
                                         identity=self._allowed(it.identity, tenant),
                                         audio=self._allowed(it.audio, tenant),
-                                        output=self._allowed(it.output, tenant)))
+                                        output=self._allowed(it.output, tenant, output=True)))
         await self._check_items(job)
         return job
 
@@ -371,7 +371,7 @@ class DubbingAPI:
         if not _matches(ITEM_ID, item_id):
             raise _fail(422, f"invalid item_id {item_id!r}")
         output = self._allowed(str(fields.get("output") or storage.join(
-            s.output_dir.replace("{tenant}", tenant), job.job_id, f"{item_id}.mp4")), tenant)
+            s.output_dir.replace("{tenant}", tenant), job.job_id, f"{item_id}.mp4")), tenant, output=True)
         for name, up in parts.files.items():
             suffix = Path(up.filename).suffix.lower()
             if suffix not in (IMAGE_EXTS + VIDEO_EXTS if name == "identity" else AUDIO_EXTS + VIDEO_EXTS):

@@ -16,6 +16,11 @@ refused outright, local paths are made absolute with symlinks resolved, and
 prefixes match whole path components (`s3://b/data` does not admit
 `s3://b/data2/x`). `{tenant}` in an allowed prefix is the caller's tenant
 name, for per-tenant storage.
+
+Outputs (`UriPolicy.check_output`) must also be `.mp4` files, and never lie
+inside the served checkpoint or a folder that holds a checkpoint (a training
+run's `step_*/.metadata`, an export's `model.safetensors`): with
+`overwrite: true` a request could otherwise replace the model it is served by.
 """
 from __future__ import annotations
 
@@ -59,11 +64,17 @@ def under(uri: str, prefix: str) -> bool:
     return uri == prefix or uri.startswith(prefix.rstrip("/") + "/")
 
 
-class UriPolicy:
-    """`allowed` prefixes minus `state` (the service's own files)."""
+# Files whose presence marks a folder as a checkpoint (DCP training step, export).
+CHECKPOINT_MARKERS = (".metadata", "model.safetensors")
 
-    def __init__(self, allowed: list[str], state: list[str] = ()):
+
+class UriPolicy:
+    """`allowed` prefixes minus `state` (the service's own files); outputs
+    also minus `protected` (the served checkpoint) and checkpoint folders."""
+
+    def __init__(self, allowed: list[str], state: list[str] = (), protected: list[str] = ()):
         self.state = [normalise(s) for s in state if s]
+        self.protected = [normalise(p) for p in protected if p]
         self.allowed = list(allowed)
         for a in allowed:
             norm = normalise(a.replace("{tenant}", DEFAULT_TENANT))
@@ -81,6 +92,22 @@ class UriPolicy:
                                    "it is never readable or writable through the API")
         if not any(under(norm, normalise(a.replace("{tenant}", tenant))) for a in self.allowed):
             raise UriForbidden(f"{uri!r} is outside the allowed locations")
+        return norm
+
+    def check_output(self, uri: str, tenant: str = DEFAULT_TENANT) -> str:
+        """`check`, and the URI names an .mp4 outside every checkpoint."""
+        norm = self.check(uri, tenant)
+        if not norm.lower().endswith(".mp4"):
+            raise UriForbidden(f"output {uri!r}: outputs are .mp4 files")
+        for p in self.protected:
+            if under(norm, p):
+                raise UriForbidden(f"output {uri!r} lies inside the served checkpoint {p}")
+        if not storage.is_s3(norm):  # local: look for a checkpoint in the folders above it
+            folder = os.path.dirname(norm)
+            while folder and folder != os.path.dirname(folder):
+                if any(os.path.exists(os.path.join(folder, m)) for m in CHECKPOINT_MARKERS):
+                    raise UriForbidden(f"output {uri!r} lies inside a checkpoint folder ({folder})")
+                folder = os.path.dirname(folder)
         return norm
 
 

@@ -397,8 +397,10 @@ def test_outputs_are_refused_when_they_would_clobber(service):
         r = svc.post({"items": [{**ok, "output": out}]})
         assert r.status_code == 403 and "own state" in r.json()["detail"], (out, r.text)
     assert not (state / "jobs" / "x.json").exists()
-    r = svc.post({"items": [{**ok, "output": svc.inputs["a2.flac"]}]})   # an input as output
-    assert r.status_code == 422 and "is an input" in r.json()["detail"]
+    r = svc.post({"items": [{**ok, "output": f"s3://{svc.bucket}/out/x.wav"}]})
+    assert r.status_code == 403 and "outputs are .mp4 files" in r.json()["detail"], r.text
+    r = svc.post({"items": [{**ok, "audio": svc.inputs["v12.mp4"], "output": svc.inputs["v12.mp4"]}]})
+    assert r.status_code == 422 and "is an input" in r.json()["detail"]    # an input as output
     r = svc.post({"items": [{**ok, "item_id": "same"}, {**ok, "item_id": "same"}]})
     assert r.status_code == 422 and "duplicate item_id 'same'" in r.json()["detail"]
     out = f"s3://{svc.bucket}/out/fixed/one.mp4"

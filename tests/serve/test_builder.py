@@ -81,3 +81,29 @@ def test_the_service_state_can_never_be_allowed(monkeypatch, checkpoint, tmp_pat
         app_builder({"overrides": [f"checkpoint={checkpoint}", "serve.job_store=s3://b/jobs"]})
     with pytest.raises(ConfigError, match="serve.upload_dir is required"):
         app_builder({"overrides": [f"checkpoint={checkpoint}", "serve.job_store=postgresql://h/db"]})
+
+
+def test_outputs_are_mp4s_outside_the_served_model_and_every_checkpoint(tmp_path):
+    from dheads.serve.security import UriForbidden, UriPolicy
+
+    runs = tmp_path / "runs"
+    (runs / "export").mkdir(parents=True)
+    (runs / "export" / "model.safetensors").write_bytes(b"weights")
+    (runs / "r1" / "step_00000200").mkdir(parents=True)
+    (runs / "r1" / "step_00000200" / ".metadata").write_bytes(b"dcp")
+    policy = UriPolicy([str(runs)], state=[str(runs / "jobstore")], protected=[str(runs / "export")])
+    for out, words in [(runs / "export" / "model.safetensors", ".mp4 files"),
+                       (runs / "export" / "x.mp4", "inside the served checkpoint"),
+                       (runs / "r1" / "step_00000200" / "a.mp4", "inside a checkpoint folder"),
+                       (runs / "r1" / "step_00000200" / "sub" / "a.mp4", "inside a checkpoint folder"),
+                       (runs / "dubbed" / "a.MKV", ".mp4 files"),
+                       (runs / "jobstore" / "a.mp4", "own state")]:
+        with pytest.raises(UriForbidden, match=words):
+            policy.check_output(str(out))
+    assert policy.check_output(str(runs / "dubbed" / "a.mp4")) == str((runs / "dubbed" / "a.mp4").resolve())
+    assert policy.check_output(str(runs / "r1" / "a.mp4"))          # beside the run's steps, not inside one
+    assert policy.check(str(runs / "export" / "model.safetensors"))  # inputs are not outputs
+    s3 = UriPolicy(["s3://b/runs"], protected=["s3://b/runs/export"])
+    assert s3.check_output("s3://b/runs/o.mp4") == "s3://b/runs/o.mp4"
+    with pytest.raises(UriForbidden, match="served checkpoint"):
+        s3.check_output("s3://b/runs/export/o.mp4")
