@@ -49,6 +49,10 @@ from dheads.platform.config import StorageConfig
 
 CHECKPOINT_PREFIX = "step_"
 JOB_FILE = "job.json"
+# Written into a step's folder in the run's storage after Ray Train has
+# uploaded every rank's files: `.metadata` alone can arrive before the shards
+# (an upload cut short), so only a step with the marker counts as complete.
+COMPLETE_FILE = "COMPLETE"
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -276,10 +280,12 @@ class Checkpointer:
     Every rank calls `save` / `restore` (both are collective).
     """
 
-    def __init__(self, state: TrainingState, model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig):
+    def __init__(self, state: TrainingState, model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig,
+                 run_uri: str | None = None, storage_cfg: StorageConfig | None = None):
         self.state = state
         self.model_cfg = model_cfg
         self.diffusion_cfg = diffusion_cfg
+        self.run_uri, self.storage_cfg = run_uri, storage_cfg  # where Ray Train persists the steps
 
     def restore(self) -> bool:
         """Load the latest checkpoint Ray Train has for this run, if any."""
@@ -316,6 +322,10 @@ class Checkpointer:
                 }, indent=2))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=checkpoint_dir_name(step))
+        # report returns once every rank's upload is done (it synchronises the ranks)
+        if self.run_uri is not None and (not dist.is_initialized() or dist.get_rank() == 0):
+            storage.write_bytes(storage.join(self.run_uri, checkpoint_dir_name(step), COMPLETE_FILE),
+                                json.dumps({"step": step}).encode(), self.storage_cfg)
 
 
 class _WithoutRng(Stateful):
@@ -333,13 +343,18 @@ class _WithoutRng(Stateful):
 
 # ------------------------------------------------------------ offline reading
 def latest_checkpoint(run_uri: str, storage_cfg: StorageConfig | None = None) -> str | None:
-    """URI of the newest `step_*` checkpoint directory of a run folder, or None."""
+    """URI of the newest complete `step_*` checkpoint directory of a run
+    folder, or None: one with `COMPLETE_FILE`; in a run that has no marker
+    at all (written before markers existed), one with `.metadata`."""
     fs, path = storage.resolve(run_uri, storage_cfg)
     import pyarrow.fs as pafs
 
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
     steps = sorted(i.base_name for i in infos
                    if i.type == pafs.FileType.Directory and i.base_name.startswith(CHECKPOINT_PREFIX))
+    marked = [n for n in steps if storage.exists(storage.join(run_uri, n, COMPLETE_FILE), storage_cfg)]
+    if marked:
+        return storage.join(run_uri, marked[-1])
     for name in reversed(steps):  # a directory without metadata is an upload cut short
         if storage.exists(storage.join(run_uri, name, ".metadata"), storage_cfg):
             return storage.join(run_uri, name)

@@ -173,7 +173,7 @@ def train_loop_per_worker(config: dict) -> None:
     ema = EMA(model, tc.ema_rate)
     progress = Progress()
     checkpointer = Checkpointer(TrainingState(model, optimizer, ema.shadow, progress),
-                                job.model, job.diffusion)
+                                job.model, job.diffusion, run_uri, job.storage)
     checkpointer.restore()
     # Each worker says where it runs and where it started from, so an operator
     # (or a test) can find the process and see what a restart resumed from.

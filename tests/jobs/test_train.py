@@ -86,6 +86,7 @@ def test_two_worker_fsdp_run_lowers_loss_and_writes_its_run_folder(run_a):
     assert (run_a / "loss_curve.png").stat().st_size > 1000
     # keep the last 2 of the checkpoints at steps 2, 4, 6, 8
     assert sorted(p.name for p in run_a.glob("step_*")) == ["step_00000006", "step_00000008"]
+    assert all((p / "COMPLETE").is_file() for p in run_a.glob("step_*"))  # marked once uploaded
     for step in (4, 8):
         mp4 = run_a / "samples" / f"step_{step:08d}" / "val_0000.mp4"
         assert mp4.stat().st_size > 0

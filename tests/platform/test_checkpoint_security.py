@@ -210,3 +210,17 @@ def test_a_crafted_value_is_refused(tmp_path):
         dcp_load({"w": torch.zeros(3), "hyper": None}, tmp_path / "ckpt")
     assert not marker.exists()
     _assert_one_clear_line(str(e.value), "hyper", "refusing to unpickle")
+
+
+def test_latest_checkpoint_is_the_newest_complete_step(run_dir):
+    from dheads.platform.checkpointing import COMPLETE_FILE, latest_checkpoint
+
+    old = _step_dir(run_dir)
+    assert latest_checkpoint(str(run_dir)) == str(old)  # a run from before markers: its .metadata counts
+    (old / COMPLETE_FILE).write_text("{}")
+    cut = run_dir / checkpoint_dir_name(STEP + 10)      # newer, but its upload stopped after .metadata
+    cut.mkdir()
+    shutil.copy(old / ".metadata", cut / ".metadata")
+    assert latest_checkpoint(str(run_dir)) == str(old)
+    (cut / COMPLETE_FILE).write_text("{}")
+    assert latest_checkpoint(str(run_dir)) == str(cut)
