@@ -14,7 +14,13 @@ not after:
 - `max_pixels` (default `MAX_IMAGE_PIXELS`): an image whose header declares
   more is refused before any pixel is decoded;
 - `min_side` / `min_source_side` (default `MIN_SIDE`): frames and images
-  smaller than this on a side are refused, not silently upscaled.
+  smaller than this on a side are refused, not silently upscaled;
+- the demuxer: FFmpeg guesses a file's format from its bytes, whatever its
+  name. Only the containers in `DEMUXERS` may open (no HLS/DASH playlists or
+  concat lists that would read other files, no image sequences), through
+  plain file I/O only; a video stream over `MAX_IMAGE_PIXELS` (a PNG bomb
+  renamed `.mkv` that some demuxer admits) is refused from its stream header
+  before a frame is decoded.
 
 What is normalised: the display rotation of a video (display matrix) and the
 EXIF orientation of an image are applied; any pixel format PyAV decodes
@@ -39,6 +45,11 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 MIN_SIDE = 16                    # px: below this nothing holds a face
 MAX_IMAGE_PIXELS = 40_000_000    # 40 MP (8K x 5K); checked from the header
 MAX_SECONDS = 3600.0             # default decode bound; jobs pass their own
+# The only demuxers `open_container` lets FFmpeg pick (its own names): MP4/MOV,
+# Matroska/WebM, AVI and the audio formats of AUDIO_EXTS.
+DEMUXERS = ("mov", "mp4", "m4a", "3gp", "3g2", "mj2", "matroska", "webm", "avi",
+            "wav", "mp3", "flac", "aac", "ogg")
+_OPEN_OPTIONS = {"format_whitelist": ",".join(DEMUXERS), "protocol_whitelist": "file"}
 
 
 class MediaError(ValueError):
@@ -79,18 +90,36 @@ def _open(path: str | Path):
     if p.stat().st_size == 0:
         raise MediaError("probe", "empty file (0 bytes)")
     try:
-        return av.open(str(p))
+        return open_container(str(p))
     except (av.error.FFmpegError, OSError, UnicodeDecodeError) as e:
-        raise MediaError("probe", f"not a readable media file ({type(e).__name__}: {_one_line(e)})") from e
+        raise MediaError("probe", _open_reason(e)) from e
+
+
+def open_container(source):
+    """`av.open` for reading (a path or a binary file object), restricted to
+    `DEMUXERS` and plain file I/O."""
+    return av.open(source, options=dict(_OPEN_OPTIONS))
+
+
+def _open_reason(e: BaseException) -> str:
+    if isinstance(e, av.error.ArgumentError):  # what FFmpeg says when the whitelist refuses
+        return ("not an allowed container format (allowed: MP4/MOV, MKV/WebM, AVI, WAV, MP3, FLAC, "
+                "AAC, Ogg; playlists, concat lists and image files posing as video are refused)")
+    return f"not a readable media file ({type(e).__name__}: {_one_line(e)})"
 
 
 def _video_stream(container):
-    """The first real video stream (a cover picture in an audio file is not one)."""
+    """The first real video stream (a cover picture in an audio file is not
+    one); refused when its header declares more than MAX_IMAGE_PIXELS."""
     pictures = 0
     for s in container.streams.video:
         if s.disposition & av.stream.Disposition.attached_pic:
             pictures += 1
             continue
+        w, h = s.codec_context.width or 0, s.codec_context.height or 0
+        if w * h > MAX_IMAGE_PIXELS:
+            raise MediaError("video", f"video frames are {w}x{h} ({w * h / 1e6:.0f} MP), over the limit of "
+                                      f"{MAX_IMAGE_PIXELS / 1e6:g} MP (from the stream header, nothing decoded)")
         return s
     raise MediaError("video", "no video stream" + (" (only a cover picture)" if pictures else ""))
 

@@ -272,7 +272,7 @@ def image_header(uri: str, storage_cfg: StorageConfig | None) -> Optional[tuple[
 def audio_seconds(uri: str, storage_cfg: StorageConfig | None) -> Optional[float]:
     """Audio duration from the container header (reads only what PyAV needs);
     None when unknown or unreadable (decoding then stops at the limit)."""
-    import av
+    from dheads.platform import media
 
     try:
         if storage.is_s3(uri):
@@ -280,7 +280,7 @@ def audio_seconds(uri: str, storage_cfg: StorageConfig | None) -> Optional[float
             f = fs.open_input_file(path)
         else:
             f = open(uri, "rb")
-        with f, av.open(f) as c:
+        with f, media.open_container(f) as c:
             if not c.streams.audio:
                 return None
             a = c.streams.audio[0]

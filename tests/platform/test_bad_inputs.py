@@ -364,3 +364,60 @@ def test_non_utf8_file_names(tmp_path):
     assert read_image(image).shape == (48, 64, 3)
     text = storage.display_name(video)
     assert text.endswith("caf\\xe9 take.mp4") and text.encode("utf-8")
+
+
+def _ts_clip(path: Path) -> Path:
+    """A real 1 s MPEG-TS video (an HLS segment)."""
+    import av
+
+    with av.open(str(path), mode="w", format="mpegts") as out:
+        s = out.add_stream("mpeg2video", rate=25)
+        s.width, s.height, s.pix_fmt = 64, 64, "yuv420p"
+        for i in range(25):
+            frame = av.VideoFrame.from_ndarray(np.full((64, 64, 3), 10 * i, np.uint8), format="rgb24")
+            out.mux(s.encode(frame))
+        out.mux(s.encode())
+    return path
+
+
+def test_a_playlist_never_reads_the_files_it_names(tmp_path):
+    # an HLS playlist (or an ffconcat list) pointing at a local file the
+    # allow-list never saw: stock FFmpeg opens and decodes that file
+    secret = _ts_clip(tmp_path / "secret.ts")
+    playlist = tmp_path / "list.m3u8"
+    playlist.write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1.0,\n{secret}\n#EXT-X-ENDLIST\n")
+    for fn in (read_video, read_frame):
+        args = (playlist, 0) if fn is read_frame else (playlist,)
+        fails(fn, *args, stage="probe", words="not an allowed container format", **(
+            {"require_audio": False} if fn is read_video else {}))
+    fails(probe, playlist, stage="probe", words="not an allowed container format")
+    ffconcat = tmp_path / "list.mkv"
+    ffconcat.write_text(f"ffconcat version 1.0\nfile '{secret}'\n")
+    fails(read_video, ffconcat, stage="probe", words="not an allowed container format", require_audio=False)
+
+
+def test_an_image_bomb_posing_as_video_is_refused_in_bounded_memory(tmp_path):
+    import json
+    import subprocess
+
+    bomb = mk.huge_png(tmp_path / "huge.mkv", 12000, 12000)   # 144 MP, named as a video
+    small = mk.huge_png(tmp_path / "small.mkv", 64, 64)
+    code = ("import json, resource, sys\nfrom dheads.platform.media import MediaError, read_video\n"
+            "try:\n    read_video(sys.argv[1], require_audio=False)\n    r = 'decoded'\n"
+            "except MediaError as e:\n    r = e.reason\n"
+            "print(json.dumps([r, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]))")
+    run = lambda p: json.loads(subprocess.run([sys.executable, "-c", code, str(p)], check=True,  # noqa: E731
+                                              capture_output=True, text=True).stdout)
+    (reason, rss), (_, base) = run(bomb), run(small)
+    assert "not an allowed container format" in reason, reason
+    assert rss - base < 100, (rss, base)                      # MB: nothing was decoded
+
+
+def test_video_frames_over_the_pixel_limit_are_refused_from_the_stream_header(tmp_path, monkeypatch):
+    from dheads.platform import media
+
+    path = tmp_path / "v.mp4"
+    media.write_video(path, np.zeros((5, 64, 64, 3), np.uint8))
+    assert read_video(path, require_audio=False).frames.shape == (5, 64, 64, 3)
+    monkeypatch.setattr(media, "MAX_IMAGE_PIXELS", 64 * 64 - 1)
+    fails(read_video, path, stage="video", words="64x64 (0 MP), over the limit", require_audio=False)
