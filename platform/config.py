@@ -152,6 +152,10 @@ class DubConfig:
     # an identity video is decoded only up to its frame, at most this one.
     max_image_pixels: int = 40_000_000
     max_identity_frame: int = 1500       # 60 s at 25 fps
+    # Input files over this size fail their item before a byte is read (S3:
+    # from the object's size; inputs are streamed to disk, never held whole).
+    max_image_mb: float = 50.0           # an identity image
+    max_media_mb: float = 1024.0         # an identity video or an audio file
     overwrite: bool = False              # (dheads dub) regenerate outputs that exist instead of skipping
     # CPU only: the UNet under bf16 autocast (1.5-2x faster on AVX512-BF16
     # cores; for models trained with trainer.cpu_bf16 it is what they saw);

@@ -197,7 +197,17 @@ def upload_file(local_path: str | Path, uri: str, storage: StorageConfig | None 
             except OSError as e:
                 raise _failure("write", uri, e, storage) from e
         return
-    write_bytes(uri, Path(local_path).read_bytes(), storage)
+    fs, path = resolve(uri, storage)  # streamed, like write_bytes: a temporary key, then a move
+    parent, name = posixpath.split(path)
+    tmp = posixpath.join(parent, f"_tmp.{uuid.uuid4().hex}.{name}")
+    try:
+        with open(local_path, "rb") as src, fs.open_output_stream(tmp) as f:
+            shutil.copyfileobj(src, f, 1 << 20)
+        fs.move(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            fs.delete_file(tmp)
+        raise _failure("write", uri, e, storage) from e
 
 
 def _durable_replace(dst: Path, write) -> None:
@@ -249,18 +259,56 @@ def delete(uri: str, storage: StorageConfig | None = None) -> None:
             fs.delete_file(path)
 
 
+class TooLarge(StorageError):
+    """An input over the size limit its caller set (the message names the
+    sizes, not the URI: callers say which input it is)."""
+
+
+def check_size(uri: str, max_bytes: int | None, storage: StorageConfig | None = None) -> int:
+    """`uri`'s size in bytes; TooLarge over `max_bytes` (None: no limit)."""
+    try:
+        n = size(uri, storage)
+    except OSError as e:
+        raise _failure("stat", uri, e, storage) from e
+    if n is None:
+        raise StorageError(f"cannot read {uri}: no such file")
+    if max_bytes is not None and n > max_bytes:
+        raise TooLarge(f"the file is {n / 2**20:.3g} MB, over the limit of {max_bytes / 2**20:.3g} MB")
+    return n
+
+
 @contextlib.contextmanager
-def local_path(uri: str, storage: StorageConfig | None = None, suffix: str = "") -> Iterator[str]:
-    """A local file path holding `uri`'s bytes (downloaded for S3)."""
+def local_path(uri: str, storage: StorageConfig | None = None, suffix: str = "",
+               max_bytes: int | None = None) -> Iterator[str]:
+    """A local file path holding `uri`'s bytes: S3 objects are streamed to a
+    temporary file in 1 MiB chunks (memory stays flat in the object's size);
+    TooLarge over `max_bytes`, checked from the size before reading and
+    counted while streaming."""
     if not is_s3(uri):
         if not os.path.exists(uri):
             raise StorageError(f"cannot read {uri}: no such file")
+        check_size(uri, max_bytes, storage)
         yield uri
         return
-    data = read_bytes(uri, storage)
+    check_size(uri, max_bytes, storage)
+    fs, path = resolve(uri, storage)
     with tempfile.NamedTemporaryFile(suffix=suffix or Path(urlparse(uri).path).suffix, delete=False) as f:
-        f.write(data)
         name = f.name
+        try:
+            with fs.open_input_stream(path) as src:
+                total = 0
+                while chunk := src.read(1 << 20):
+                    total += len(chunk)
+                    if max_bytes is not None and total > max_bytes:
+                        raise TooLarge(f"the file grew past the limit of {max_bytes / 2**20:.3g} MB "
+                                       "while it was read")
+                    f.write(chunk)
+        except OSError as e:
+            f.close()
+            os.unlink(name)
+            if isinstance(e, StorageError):
+                raise
+            raise _failure("read", uri, e, storage) from e
     try:
         yield name
     finally:

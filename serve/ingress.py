@@ -162,7 +162,16 @@ def _media_problem(item: ItemRecord, cfg: ServeJob) -> Optional[tuple[int, str]]
     """(status, reason) when the item's headers break a limit; None otherwise
     (or when a header cannot be read: the item then fails when it runs)."""
     d = cfg.dub
-    if Path(item.identity).suffix.lower() in IMAGE_EXTS:
+    image_file = Path(item.identity).suffix.lower() in IMAGE_EXTS
+    for kind, uri, limit in (("identity", item.identity, d.max_image_mb if image_file else d.max_media_mb),
+                             ("audio", item.audio, d.max_media_mb)):
+        try:  # an object's size is one HEAD: checked before any byte is read
+            storage.check_size(uri, round(limit * 2**20), cfg.storage)
+        except storage.TooLarge as e:
+            return 413, f"{kind} {uri}: {e} (dub.max_{'image' if kind == 'identity' and image_file else 'media'}_mb)"
+        except OSError:
+            pass  # unreadable: the item fails with its reason when it runs
+    if image_file:
         size = limits.image_header(item.identity, cfg.storage)
         if size is not None and size[0] * size[1] > d.max_image_pixels:
             w, h = size

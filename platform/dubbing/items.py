@@ -106,8 +106,10 @@ def load_identity(uri: str, size: int, cfg: DubConfig, frame: Optional[int] = No
     a video, face-cropped with the preprocessing detector and margin."""
     from dheads.platform.faces import crop_boxes, crop_resize, face_track
 
-    with storage.local_path(uri, storage_cfg) as path:
-        if Path(uri).suffix.lower() in IMAGE_EXTS:   # refused from the header above the limit
+    image_file = Path(uri).suffix.lower() in IMAGE_EXTS
+    limit = cfg.max_image_mb if image_file else cfg.max_media_mb
+    with storage.local_path(uri, storage_cfg, max_bytes=round(limit * 2**20)) as path:
+        if image_file:   # refused from the header above the limit
             image = read_image(path, max_pixels=cfg.max_image_pixels)
         else:  # decoded only up to that frame; past the end: the last one
             index = cfg.identity_frame if frame is None else frame
@@ -131,12 +133,13 @@ def identity_frame_problem(index: int, cfg: DubConfig) -> Optional[str]:
 
 
 def load_audio(uri: str, storage_cfg: StorageConfig | None = None,
-               max_seconds: float | None = None) -> np.ndarray:
+               max_seconds: float | None = None, max_mb: float | None = None) -> np.ndarray:
     """Any audio file, or a video's audio track -> `[S]` float32, 16 kHz mono;
     decoding stops with a MediaError past `max_seconds` (None: the media
-    layer's own bound)."""
+    layer's own bound); a file over `max_mb` fails before it is read."""
     limit = {} if max_seconds is None else {"max_seconds": max_seconds}
-    with storage.local_path(uri, storage_cfg) as path:
+    max_bytes = None if max_mb is None else round(max_mb * 2**20)
+    with storage.local_path(uri, storage_cfg, max_bytes=max_bytes) as path:
         return read_audio(path, SAMPLE_RATE, **limit)
 
 
@@ -176,7 +179,7 @@ def prepare_item(item: DubItem, cfg: DubConfig, image_size: int,
     ItemError (with the media stage in the message) for anything a user must fix."""
     try:
         # decoding stops a little past the limit; the exact check follows
-        audio = load_audio(item.audio, storage_cfg, max_seconds=cfg.max_audio_s + 1.0)
+        audio = load_audio(item.audio, storage_cfg, max_seconds=cfg.max_audio_s + 1.0, max_mb=cfg.max_media_mb)
     except (MediaError, storage.StorageError) as e:
         raise ItemError(f"audio {item.audio}: {e}") from e
     seconds = len(audio) / SAMPLE_RATE

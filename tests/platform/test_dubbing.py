@@ -175,6 +175,20 @@ def test_an_item_is_decoded_once_and_written_with_its_own_audio(tmp_path, speech
     assert np.corrcoef(out, ref)[0, 1] > 0.9
 
 
+def test_inputs_over_the_size_limits_fail_the_item_before_they_are_read(tmp_path, speech, face_image, dub_inputs):
+    from PIL import Image
+
+    Image.fromarray(face_image(2)).save(tmp_path / "id.png")
+    dub_inputs.write_audio(tmp_path / "a.wav", speech(2.4, seed=6))  # 77 KB
+    item = DubItem(item_id="i", identity=str(tmp_path / "id.png"), audio=str(tmp_path / "a.wav"),
+                   output=str(tmp_path / "i.mp4"))
+    with pytest.raises(ItemError, match=r"audio .*a.wav: the file is 0.0733 MB, over the limit of 0.05 MB"):
+        prepare_item(item, DubConfig(max_media_mb=0.05), 16)
+    with pytest.raises(ItemError, match=r"identity .*id.png: the file is .* MB, over the limit of 0.0001 MB"):
+        prepare_item(item, DubConfig(max_image_mb=0.0001), 16)
+    assert prepare_item(item, DubConfig(max_media_mb=0.2), 16).n_frames == 60
+
+
 def test_dub_and_serve_configs_take_the_schema_defaults():
     from dheads.platform.config import ServeConfig, compose
 

@@ -23,6 +23,44 @@ def test_s3_roundtrip(s3_bucket):
     assert not storage.exists(uri, cfg)
 
 
+def test_s3_inputs_are_size_checked_and_streamed_in_flat_memory(s3_bucket, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    bucket, cfg = s3_bucket
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as f:              # 300 MB, written without holding it
+        for _ in range(300):
+            f.write(os.urandom(1 << 20))
+    uri = f"s3://{bucket}/in/big.bin"
+    storage.upload_file(big, uri, cfg)
+    assert storage.size(uri, cfg) == 300 << 20
+    with pytest.raises(storage.TooLarge, match="the file is 300 MB, over the limit of 100 MB"):
+        with storage.local_path(uri, cfg, max_bytes=100 << 20):
+            raise AssertionError("opened")
+    # the whole object through local_path (and the upload above) in a fresh
+    # process: peak RSS beside the same process reading a 1 MB object
+    storage.write_bytes(f"s3://{bucket}/in/small.bin", os.urandom(1 << 20), cfg)
+    code = ("import json, os, resource, sys\nfrom dheads.platform import storage\n"
+            "from dheads.platform.config import StorageConfig\n"
+            "cfg = StorageConfig(endpoint_url=sys.argv[2])\n"
+            "with storage.local_path(sys.argv[1], cfg) as p:\n    n = os.path.getsize(p)\n"
+            "print(json.dumps([n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]))")
+
+    def peak(u):
+        out = subprocess.run([sys.executable, "-c", code, u, cfg.endpoint_url], check=True,
+                             capture_output=True, text=True, env={**os.environ, **storage.s3_env(cfg)})
+        return json.loads(out.stdout)
+
+    (n, rss), (_, base) = peak(uri), peak(f"s3://{bucket}/in/small.bin")
+    assert n == 300 << 20
+    assert rss - base < 100, (rss, base)    # MB, for a 300 MB object
+
+
 # ---------------------------------------------------------------- durability
 def _write_both(tmp_path):
     src = tmp_path / "src.bin"

@@ -7,6 +7,7 @@ composed with Hydra and shrunk.
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import sys
@@ -92,6 +93,7 @@ def service(ray_session, s3_server, tmp_path_factory, dub_inputs, free_port):
     for i in range(4):
         write_audio(tmp / f"s{i}.wav", speech(6.0, seed=100 + i))
     (tmp / "bad.wav").write_bytes(b"RIFF\x00\x00garbage, not audio" * 10)
+    (tmp / "big.wav").write_bytes(os.urandom(5 << 20))           # over dub.max_media_mb=4
     from dheads.platform.config import StorageConfig
 
     st = StorageConfig(endpoint_url=s3_server)
@@ -115,7 +117,7 @@ def service(ray_session, s3_server, tmp_path_factory, dub_inputs, free_port):
         f"serve.output_dir=s3://{bucket}/out", "serve.ingress_replicas=2", "serve.lease_s=6",
         "serve.poll_s=0.3", "serve.max_attempts=2", "serve.max_body_kb=64",
         "serve.max_items_per_job=8", "serve.max_audio_s=30", "serve.max_upload_mb=1",
-        "dub.batch_size=8", "dub.num_threads=1", "dub.max_segment_s=4", "dub.min_segment_s=1",
+        "dub.batch_size=8", "dub.num_threads=1", "dub.max_media_mb=4", "dub.max_segment_s=4", "dub.min_segment_s=1",
         "serve.autoscaling.min_replicas=1", "serve.autoscaling.max_replicas=2"])
     app.run(cfg)
     yield Service(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{upload_port}", cfg, bucket, inputs)
@@ -421,6 +423,8 @@ def test_media_limits_from_headers(service):
     svc = service
     r = svc.post({"items": [_item(svc, "huge.png", "a2.flac")]})
     assert r.status_code == 413 and "12000x12000 = 144 MP, over the limit of 40 MP" in r.json()["detail"]
+    r = svc.post({"items": [_item(svc, "id.png", "big.wav")]})            # sized from the object: nothing read
+    assert r.status_code == 413 and "the file is 5 MB, over the limit of 4 MB" in r.json()["detail"], r.text
     r = svc.post({"items": [_item(svc, "id.mp4", "a2.flac", identity_frame=10 ** 6)]})
     assert r.status_code == 422 and "over the limit of 1500" in r.json()["detail"]
     # in a job with good items, the bad one fails alone with the reason
