@@ -198,6 +198,11 @@ class ServeConfig:
     # bodies whole); the Serve port then refuses multipart (421). null: off.
     upload_port: Optional[int] = 8001
     max_upload_connections: int = 32     # requests open on the upload listener at once; more: 503
+    # The upload listener closes a connection whose request headers take
+    # longer than this, or whose body sends nothing for body_timeout_s while
+    # the handler waits for it (slow clients cannot hold its slots).
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
     lease_s: float = 30.0                # an ingress holds an item this long between renewals
     max_attempts: int = 3                # claims of an item before it fails with its last error
     poll_s: float = 1.0                  # how often an ingress renews leases and claims items

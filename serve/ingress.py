@@ -210,7 +210,8 @@ class DubbingAPI:
         self.runner.start()
         self.listener = None if s.upload_port is None else UploadListener(
             self._accept, self.healthz, s.host, s.upload_port, JobAccepted,
-            max_connections=s.max_upload_connections).start()
+            max_connections=s.max_upload_connections, header_timeout_s=s.header_timeout_s,
+            body_timeout_s=s.body_timeout_s).start()
 
     # ------------------------------------------------------------- helpers
     def _authorize(self, request: Request) -> str:

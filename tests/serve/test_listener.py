@@ -18,7 +18,7 @@ class Running:
     """An UploadListener in a thread's event loop, with a handler that waits
     for `release` before it reads the body."""
 
-    def __init__(self, port: int, max_connections: int = 32):
+    def __init__(self, port: int, max_connections: int = 32, **timeouts):
         self.release, self.read = threading.Event(), [0]
         self.loop = asyncio.new_event_loop()
         started = threading.Event()
@@ -34,7 +34,7 @@ class Running:
 
         async def main():
             self.listener = UploadListener(submit, healthz, "127.0.0.1", port,
-                                           max_connections=max_connections).start()
+                                           max_connections=max_connections, **timeouts).start()
             started.set()
             while not self.listener.server.should_exit:
                 await asyncio.sleep(0.05)
@@ -112,3 +112,39 @@ def test_requests_past_the_cap_get_503(listener):
     with socket.create_connection(("127.0.0.1", listener.listener.port), timeout=30) as s:
         s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert _answer(s).startswith(b"HTTP/1.1 200")              # free again once they finished
+
+
+def _closed_by_server(sock: socket.socket, within: float = 30.0) -> bool:
+    """True when the server closes `sock` (EOF or reset) within `within` s."""
+    sock.settimeout(within)
+    try:
+        while sock.recv(65536):
+            pass
+        return True
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+def test_slow_clients_are_closed_and_free_their_slots(free_port):
+    running = Running(free_port(), max_connections=2, header_timeout_s=1.0, body_timeout_s=1.0)
+    running.release.set()                                   # the handler reads at once
+    port = running.listener.port
+    try:
+        silent = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(3)]
+        header = socket.create_connection(("127.0.0.1", port), timeout=30)
+        header.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Len")   # stops mid-header
+        for s in silent + [header]:                         # max + 1 silent sockets and a stalled header
+            assert _closed_by_server(s), "a stalled connection stayed open"
+            s.close()
+        body = socket.create_connection(("127.0.0.1", port), timeout=30)
+        body.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+        assert _closed_by_server(body), "a stalled body stayed open"
+        body.close()
+        assert running.read[0] == 10                        # the handler got the 10 bytes, then the stall ended it
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+            assert _answer(s).startswith(b"HTTP/1.1 202")    # a real request still gets in
+    finally:
+        running.stop()
