@@ -264,7 +264,7 @@ class DubbingAPI:
         upload_limit = int(s.max_upload_mb * 1024 * 1024)
         multipart = _is_multipart(request)
         declared = request.headers.get("content-length")
-        limit = upload_limit + 64 * 1024 if multipart else int(s.max_body_kb * 1024)
+        limit = upload_limit + limits.ENVELOPE_BYTES if multipart else int(s.max_body_kb * 1024)
         if declared and declared.isdigit() and int(declared) > limit:
             raise _fail(413, f"request is {int(declared)} bytes, over the limit of {limit} bytes")
         if multipart:

@@ -204,11 +204,18 @@ class _Parts:
             self._file.close()
 
 
+# What a multipart body may carry beyond its files: boundaries, part headers,
+# form fields, and whatever follows the closing boundary.
+ENVELOPE_BYTES = 64 * 1024
+
+
 async def read_uploads(stream: AsyncIterator[bytes], content_type: str, max_file_bytes: int,
                        file_fields: tuple[str, ...] = ("identity", "audio")) -> Uploads:
     """Parse a multipart body as it streams; files land in a temporary folder
-    (the caller moves them and calls `cleanup`). BodyTooLarge past the limit,
-    BadBody for a malformed body; the temporary folder is gone then."""
+    (the caller moves them and calls `cleanup`). BodyTooLarge past the limit
+    (files over `max_file_bytes`, or the whole body over it plus
+    ENVELOPE_BYTES: bytes after the closing boundary count too), BadBody for
+    a malformed body; the temporary folder is gone then."""
     _, params = parse_options_header(content_type)
     boundary = params.get(b"boundary")
     if not boundary:
@@ -217,7 +224,12 @@ async def read_uploads(stream: AsyncIterator[bytes], content_type: str, max_file
     parts = _Parts(out, max_file_bytes, file_fields)
     try:
         parser = MultipartParser(boundary, parts.callbacks())
+        seen, body_limit = 0, max_file_bytes + ENVELOPE_BYTES
         async for chunk in stream:
+            seen += len(chunk)
+            if seen > body_limit:
+                raise BodyTooLarge(f"the multipart body is over {body_limit} bytes (serve.max_upload_mb "
+                                   f"+ {ENVELOPE_BYTES} for its envelope); stopped reading at {seen} bytes")
             parser.write(chunk)
         parser.finalize()
     except (BodyTooLarge, BadBody):
@@ -235,18 +247,7 @@ def store_upload(local: str, uri: str, storage_cfg: StorageConfig | None) -> Non
     """Copy an uploaded file to `uri` without holding it in memory (locally
     atomic and durable via `storage.upload_file`; on S3 streamed to a
     temporary key, then moved)."""
-    if not storage.is_s3(uri):
-        storage.upload_file(local, uri, storage_cfg)
-        return
-    import posixpath
-    import uuid
-
-    fs, path = storage.resolve(uri, storage_cfg)
-    parent, name = posixpath.split(path)
-    tmp = posixpath.join(parent, f"_tmp.{uuid.uuid4().hex}.{name}")
-    with open(local, "rb") as src, fs.open_output_stream(tmp) as dst:
-        shutil.copyfileobj(src, dst, 1 << 20)
-    fs.move(tmp, path)
+    storage.upload_file(local, uri, storage_cfg)
 
 
 # ------------------------------------------------------------------ headers

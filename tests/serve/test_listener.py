@@ -148,3 +148,24 @@ def test_slow_clients_are_closed_and_free_their_slots(free_port):
             assert _answer(s).startswith(b"HTTP/1.1 202")    # a real request still gets in
     finally:
         running.stop()
+
+
+def test_bytes_after_the_closing_boundary_count_against_the_limit():
+    from dheads.serve import limits
+
+    def body(trailer: bytes) -> list[bytes]:
+        parts = b"".join(b"--B\r\nContent-Disposition: form-data; name=\"%s\"; filename=\"%s\"\r\n\r\n%s\r\n"
+                         % (n, f, d) for n, f, d in ((b"identity", b"i.png", b"png"), (b"audio", b"a.wav", b"wav")))
+        return [parts + b"--B--\r\n"] + [trailer[i:i + MB] for i in range(0, len(trailer), MB)]
+
+    async def read(chunks):
+        async def stream():
+            for c in chunks:
+                yield c
+        return await limits.read_uploads(stream(), "multipart/form-data; boundary=B", max_file_bytes=MB)
+
+    ok = asyncio.run(read(body(b"x" * 1000)))            # a little epilogue is harmless
+    assert {n: u.size for n, u in ok.files.items()} == {"identity": 3, "audio": 3}
+    ok.cleanup()
+    with pytest.raises(limits.BodyTooLarge, match="multipart body is over"):
+        asyncio.run(read(body(b"x" * (8 * MB))))          # 8 MB after the end: stopped at the limit
