@@ -30,6 +30,9 @@ def api_tokens(cfg: ServeJob) -> dict[str, str]:
                        f"{TOKEN_ENV} or serve.token")
 
 
+HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray's own resource of the head node
+
+
 def _state(s):
     """The job store and uploads folder, checked and made absolute."""
     from dheads.serve.jobstore import is_postgres
@@ -84,8 +87,15 @@ def build_app(cfg: ServeJob, tokens: dict[str, str] | None = None):
         ray_actor_options={"num_cpus": cfg.dub.cpus_per_worker,
                            "num_gpus": 1 if cfg.dub.use_gpu else 0, **env},
     ).bind(cfg)
-    return DubbingAPI.options(num_replicas=s.ingress_replicas, ray_actor_options={"num_cpus": 0.1, **env}) \
-        .bind(model, cfg, tokens)
+    from dheads.serve.jobstore import is_postgres
+
+    # A SQLite job store is a file on one node's disk: every ingress replica
+    # runs on the head node then, so all of them open the same file (on
+    # different nodes each would open its own, and a job would 404 on the
+    # others). PostgreSQL stores let them spread.
+    pin = {} if is_postgres(job_store) else {"resources": {HEAD_NODE_RESOURCE: 0.001}}
+    return DubbingAPI.options(num_replicas=s.ingress_replicas,
+                              ray_actor_options={"num_cpus": 0.1, **pin, **env}).bind(model, cfg, tokens)
 
 
 def run(cfg: ServeJob) -> int:

@@ -107,3 +107,16 @@ def test_outputs_are_mp4s_outside_the_served_model_and_every_checkpoint(tmp_path
     assert s3.check_output("s3://b/runs/o.mp4") == "s3://b/runs/o.mp4"
     with pytest.raises(UriForbidden, match="served checkpoint"):
         s3.check_output("s3://b/runs/export/o.mp4")
+
+
+def test_ingresses_sharing_a_sqlite_store_all_run_on_the_head_node(monkeypatch, checkpoint, tmp_path):
+    from dheads.serve.app import HEAD_NODE_RESOURCE
+
+    monkeypatch.setenv("DHEADS_API_TOKEN", SECRET)
+    sqlite = app_builder({"overrides": [f"checkpoint={checkpoint}", f"serve.job_store={tmp_path}/js",
+                                        "serve.ingress_replicas=3"]})._bound_deployment
+    assert sqlite.ray_actor_options["resources"] == {HEAD_NODE_RESOURCE: 0.001}
+    assert sqlite._deployment_config.num_replicas == 3
+    pg = app_builder({"overrides": [f"checkpoint={checkpoint}", "serve.job_store=postgresql://h/db",
+                                    f"serve.upload_dir={tmp_path}/up", "serve.ingress_replicas=3"]})
+    assert HEAD_NODE_RESOURCE not in (pg._bound_deployment.ray_actor_options.get("resources") or {})
