@@ -144,6 +144,65 @@ _ALLOWED_GLOBALS = {
 }
 
 
+# Bounds checked before `.metadata` is unpickled (a paper-size model's is
+# ~1 MB and ~10^5 opcodes): the file's size, its opcodes, and the size of the
+# largest object it builds, counted as a tree. Shared references (memo GETs)
+# let ~300 bytes describe a tuple nest of 2^depth nodes, which costs 2^depth
+# to hash inside the unpickler, before any other check could run.
+MAX_METADATA_BYTES = 256 << 20
+MAX_METADATA_OPS = 20_000_000
+MAX_METADATA_TREE = 50_000_000
+
+
+def check_pickle_cost(data: bytes, source: str) -> None:
+    """Refuse (CheckpointError) a pickle over the bounds above, from its
+    opcodes alone (pickletools; nothing is built or imported)."""
+    import pickletools
+
+    def refuse(what: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {source}: {_METADATA_FILE} {what}; refusing to load it "
+                               "(a crafted or foreign file)")
+
+    if len(data) > MAX_METADATA_BYTES:
+        raise refuse(f"is {len(data)} bytes, over {MAX_METADATA_BYTES}")
+    mark = object()
+    stack: list = []
+    memo: dict = {}
+    try:
+        for n, (op, arg, _) in enumerate(pickletools.genops(data)):
+            if n > MAX_METADATA_OPS:
+                raise refuse(f"has over {MAX_METADATA_OPS} opcodes")
+            name = op.name
+            if name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[arg] = stack[-1]
+                continue
+            if name == "MEMOIZE":
+                memo[len(memo)] = stack[-1]
+                continue
+            if name in ("GET", "BINGET", "LONG_BINGET"):
+                stack.append(memo[arg])
+                continue
+            before = [s.name for s in op.stack_before]
+            popped = 0
+            if "mark" in before:
+                while stack[-1] is not mark:
+                    popped += stack.pop()
+                stack.pop()
+                before = before[:before.index("mark")]
+            for _ in before:
+                popped += stack.pop()
+            size = 1 + popped
+            if size > MAX_METADATA_TREE:
+                raise refuse(f"builds an object of over {MAX_METADATA_TREE} nodes (shared references "
+                             "nested to blow up)")
+            for s in op.stack_after:
+                stack.append(mark if s.name == "mark" else size)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - truncated or malformed opcodes
+        raise refuse(f"is not a well-formed pickle ({type(e).__name__}: {e})") from e
+
+
 class MetadataUnpickler(pickle.Unpickler):
     """Unpickles a DCP `.metadata` file, refusing every global that is not
     checkpoint metadata (os.system, builtins.eval, subprocess.*, ...)."""
@@ -174,6 +233,7 @@ def read_checkpoint_metadata(path: str | Path) -> "dcp.Metadata":
         data = file.read_bytes()
     except OSError as e:
         raise CheckpointError(f"checkpoint {path}: cannot read {_METADATA_FILE} ({e.strerror or e})") from e
+    check_pickle_cost(data, str(path))
     try:
         meta = MetadataUnpickler(io.BytesIO(data), str(path)).load()
     except CheckpointError:

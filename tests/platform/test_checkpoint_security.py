@@ -224,3 +224,27 @@ def test_latest_checkpoint_is_the_newest_complete_step(run_dir):
     assert latest_checkpoint(str(run_dir)) == str(old)
     (cut / COMPLETE_FILE).write_text("{}")
     assert latest_checkpoint(str(run_dir)) == str(cut)
+
+
+def _tuple_nest(depth: int) -> bytes:
+    """~5 bytes per level: t_{i+1} = (t_i, t_i) through the memo, the last
+    one a dict key, so unpickling hashes a tree of 2^depth tuples."""
+    body = bytearray(b"\x80\x04" + pickle.EMPTY_TUPLE + pickle.MEMOIZE)
+    for i in range(depth):
+        body += pickle.BINGET + bytes([i]) + pickle.BINGET + bytes([i]) + pickle.TUPLE2 + pickle.MEMOIZE
+    return bytes(body + pickle.EMPTY_DICT + pickle.BINGET + bytes([depth]) + pickle.NONE
+                 + pickle.SETITEM + pickle.STOP)
+
+
+def test_metadata_built_to_blow_up_is_refused_before_unpickling(run_dir):
+    small = pickle.loads(_tuple_nest(3))                 # a valid pickle: {(((), ()), ...): None}
+    assert list(small)[0][0][0] == ((), ())
+    path = _step_dir(run_dir) / ".metadata"
+    path.write_bytes(_tuple_nest(60))                    # 300 bytes, 2^60 tuples to hash
+    assert path.stat().st_size < 400
+    with pytest.raises(CheckpointError, match="nested to blow up") as e:
+        read_checkpoint_metadata(path.parent)
+    _assert_one_clear_line(str(e.value), "checkpoint", "refusing to load it")
+    from dheads.platform.checkpointing import check_pickle_cost
+
+    check_pickle_cost(pickle.dumps(list(range(1000))), "x")   # ordinary pickles pass
