@@ -99,7 +99,10 @@ def test_requests_past_the_cap_get_503(listener):
     held = [_open_post(listener.listener.port) for _ in range(2)]   # the cap: 2 open at once
     for s in held:
         s.sendall(b"1\r\nx\r\n")
-    time.sleep(0.5)
+    connections = listener.listener.server.server_state.connections
+    deadline = time.time() + 30
+    while len(connections) < 2 and time.time() < deadline:   # both counted by the server
+        time.sleep(0.01)
     extra = _open_post(listener.listener.port)
     extra.sendall(b"0\r\n\r\n")
     assert _answer(extra).startswith(b"HTTP/1.1 503"), "a third request at once was not refused"
