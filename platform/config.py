@@ -185,6 +185,9 @@ class ServeConfig:
     # `{tenant}` in a prefix is the caller's tenant. The job store and the
     # uploads folder are never allowed, whatever this says.
     allowed_uris: List[str] = field(default_factory=lambda: ["runs/"])
+    # Prefixes every tenant may read but none may write (shared inputs).
+    # With several tenants, allowed_uris and output_dir must contain {tenant}.
+    shared_uris: List[str] = field(default_factory=list)
     # A local directory (SQLite, WAL: one node) or a postgresql:// URL (several
     # ingresses / nodes; the URL may also come from env DHEADS_JOB_STORE_URL).
     job_store: str = "runs/jobstore"

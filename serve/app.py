@@ -64,18 +64,19 @@ def build_app(cfg: ServeJob, tokens: dict[str, str] | None = None):
     from dheads.platform.checkpointing import fetch_model_checkpoint
     from dheads.serve.ingress import DubbingAPI
     from dheads.serve.model import MAX_CONCURRENT_BATCHES, DubbingModel
-    from dheads.serve.security import UriPolicy
+    from dheads.serve.security import UriPolicy, check_tenant_isolation
 
     tokens = tokens or api_tokens(cfg)
     fetch_model_checkpoint(_absolute(cfg.checkpoint), cfg.storage)  # a clear error now, not in a replica
     s = cfg.serve
     job_store, upload_dir = _state(s)
+    check_tenant_isolation(list(tokens), s.allowed_uris, s.output_dir)
     serve_cfg = dataclasses.replace(
         s, allowed_uris=[_absolute(u) for u in s.allowed_uris], job_store=job_store, upload_dir=upload_dir,
-        output_dir=_absolute(s.output_dir))
+        output_dir=_absolute(s.output_dir), shared_uris=[_absolute(u) for u in s.shared_uris])
     # an allow-list inside the service's state is refused now (the state itself is always carved out)
     UriPolicy(serve_cfg.allowed_uris, [p for p in (job_store, upload_dir) if "://" not in p or
-                                       storage.is_s3(p)])
+                                       storage.is_s3(p)], shared=serve_cfg.shared_uris)
     dub = dataclasses.replace(cfg.dub, max_audio_s=min(cfg.dub.max_audio_s, s.max_audio_s))
     cfg = dataclasses.replace(cfg, checkpoint=_absolute(cfg.checkpoint), serve=serve_cfg, dub=dub)
     env = {"runtime_env": {"env_vars": storage.s3_env(cfg.storage)}}

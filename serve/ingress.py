@@ -204,7 +204,7 @@ class DubbingAPI:
         self.store = JobStore(s.job_store, lease_s=s.lease_s, max_attempts=s.max_attempts)
         self.upload_dir = s.upload_dir
         state = [p for p in (self.store.location, self.upload_dir) if p]
-        self.policy = UriPolicy(s.allowed_uris, state, protected=[cfg.checkpoint])
+        self.policy = UriPolicy(s.allowed_uris, state, protected=[cfg.checkpoint], shared=s.shared_uris)
         self.metrics = ServeMetrics(_replica_id())
         self.runner = JobRunner(cfg, model, self.store, self.metrics)
         self.runner.start()

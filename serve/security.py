@@ -15,7 +15,11 @@ service's own state (the job store, the uploads folder): `..` segments are
 refused outright, local paths are made absolute with symlinks resolved, and
 prefixes match whole path components (`s3://b/data` does not admit
 `s3://b/data2/x`). `{tenant}` in an allowed prefix is the caller's tenant
-name, for per-tenant storage.
+name, for per-tenant storage. With more than one tenant every allowed
+prefix, and `serve.output_dir`, must contain `{tenant}` (the service refuses
+to start otherwise: tenants would read and probe each other's outputs);
+`serve.shared_uris` lists prefixes that every tenant may read but none may
+write (a shared library of voices or faces, say).
 
 Outputs (`UriPolicy.check_output`) must also be `.mp4` files, and never lie
 inside the served checkpoint or a folder that holds a checkpoint (a training
@@ -72,31 +76,39 @@ class UriPolicy:
     """`allowed` prefixes minus `state` (the service's own files); outputs
     also minus `protected` (the served checkpoint) and checkpoint folders."""
 
-    def __init__(self, allowed: list[str], state: list[str] = (), protected: list[str] = ()):
+    def __init__(self, allowed: list[str], state: list[str] = (), protected: list[str] = (),
+                 shared: list[str] = ()):
         self.state = [normalise(s) for s in state if s]
         self.protected = [normalise(p) for p in protected if p]
         self.allowed = list(allowed)
-        for a in allowed:
+        self.shared = [normalise(s) for s in shared]
+        for a in list(allowed) + list(shared):
             norm = normalise(a.replace("{tenant}", DEFAULT_TENANT))
             inside = [s for s in self.state if under(norm, s)]
             if inside:
                 raise ConfigError(f"serve.allowed_uris: {a!r} lies inside the service's own state "
                                   f"({inside[0]}); allow a location outside it")
 
-    def check(self, uri: str, tenant: str = DEFAULT_TENANT) -> str:
-        """The normalised URI if allowed, else UriForbidden (→ HTTP 403)."""
+    def check(self, uri: str, tenant: str = DEFAULT_TENANT, write: bool = False) -> str:
+        """The normalised URI if allowed (for reading, or with `write` for
+        writing: never under `shared`), else UriForbidden (→ HTTP 403)."""
         norm = normalise(uri)
         for s in self.state:
             if under(norm, s):
                 raise UriForbidden(f"{uri!r} is the service's own state (job store / uploads); "
                                    "it is never readable or writable through the API")
-        if not any(under(norm, normalise(a.replace("{tenant}", tenant))) for a in self.allowed):
-            raise UriForbidden(f"{uri!r} is outside the allowed locations")
-        return norm
+        if any(under(norm, normalise(a.replace("{tenant}", tenant))) for a in self.allowed):
+            return norm
+        if any(under(norm, s) for s in self.shared):
+            if write:
+                raise UriForbidden(f"{uri!r} lies under serve.shared_uris, which every tenant reads; "
+                                   "outputs go to the caller's own locations")
+            return norm
+        raise UriForbidden(f"{uri!r} is outside the allowed locations")
 
     def check_output(self, uri: str, tenant: str = DEFAULT_TENANT) -> str:
         """`check`, and the URI names an .mp4 outside every checkpoint."""
-        norm = self.check(uri, tenant)
+        norm = self.check(uri, tenant, write=True)
         if not norm.lower().endswith(".mp4"):
             raise UriForbidden(f"output {uri!r}: outputs are .mp4 files")
         for p in self.protected:
@@ -109,6 +121,20 @@ class UriPolicy:
                     raise UriForbidden(f"output {uri!r} lies inside a checkpoint folder ({folder})")
                 folder = os.path.dirname(folder)
         return norm
+
+
+def check_tenant_isolation(tenants: list[str], allowed: list[str], output_dir: str) -> None:
+    """ConfigError when several tenants would share storage: every allowed
+    prefix and the output folder must then contain `{tenant}`."""
+    if len(tenants) < 2:
+        return
+    shared = [a for a in list(allowed) + [output_dir] if "{tenant}" not in a]
+    if shared:
+        raise ConfigError(
+            f"{len(tenants)} tenants ({', '.join(sorted(tenants))}) but {shared[0]!r} (serve.allowed_uris / "
+            "serve.output_dir) has no {tenant}: each tenant could read and probe the others' outputs. "
+            "Put {tenant} in every allowed prefix and in serve.output_dir; list read-only prefixes "
+            "all tenants share in serve.shared_uris")
 
 
 # ---------------------------------------------------------------- tokens

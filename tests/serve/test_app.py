@@ -112,9 +112,10 @@ def service(ray_session, s3_server, tmp_path_factory, dub_inputs, free_port):
     cfg = compose("serve", [
         f"checkpoint={ckpt}", "sampler.steps=ddim2", f"storage.endpoint_url={s3_server}",
         f"serve.port={port}", f"serve.upload_port={upload_port}", f"serve.tokens_file={tokens}", "blocking=false",
-        f'serve.allowed_uris=["s3://{bucket}/in","s3://{bucket}/out","{state}"]',
+        f'serve.allowed_uris=["s3://{bucket}/out/{{tenant}}","{state}/{{tenant}}"]',
+        f'serve.shared_uris=["s3://{bucket}/in"]',
         f"serve.job_store={state}/jobstore", f"serve.upload_dir=s3://{bucket}/uploads",
-        f"serve.output_dir=s3://{bucket}/out", "serve.ingress_replicas=2", "serve.lease_s=6",
+        f"serve.output_dir='s3://{bucket}/out/{{tenant}}'", "serve.ingress_replicas=2", "serve.lease_s=6",
         "serve.poll_s=0.3", "serve.max_attempts=2", "serve.max_body_kb=64",
         "serve.max_items_per_job=8", "serve.max_audio_s=30", "serve.max_upload_mb=1",
         "dub.batch_size=8", "dub.num_threads=1", "dub.max_media_mb=4", "dub.max_segment_s=4", "dub.min_segment_s=1",
@@ -387,7 +388,17 @@ def test_tokens_tenants_and_bearer_case(service):
                            headers={"Authorization": f"Bearer {OTHER}"}).status_code == 404
     assert svc.get(f"/v1/jobs/{job_id}").status_code == 200
     assert svc.get(f"/v1/jobs/{job_id}", token=TOKEN[:-1]).status_code == 401
-    assert svc.wait(job_id)["status"] == "succeeded"
+    job = svc.wait(job_id)
+    assert job["status"] == "succeeded"
+    # storage is per tenant: the other tenant can neither read this output nor write beside it
+    output = svc.get(f"/v1/jobs/{job_id}/results").json()["results"][0]["output"]
+    assert output.startswith(f"s3://{svc.bucket}/out/default/")
+    for item in ({"identity": svc.inputs["id.png"], "audio": output},
+                 {**_item(svc, "id.png", "a2.flac"), "output": f"s3://{svc.bucket}/out/default/x.mp4"},
+                 {**_item(svc, "id.png", "a2.flac"), "output": f"s3://{svc.bucket}/in/x.mp4"}):
+        r = svc.post({"items": [item]}, token=OTHER)
+        assert r.status_code == 403, (item, r.text)
+    assert "serve.shared_uris" in r.json()["detail"]                       # shared inputs are read-only
 
 
 def test_outputs_are_refused_when_they_would_clobber(service):
@@ -399,13 +410,13 @@ def test_outputs_are_refused_when_they_would_clobber(service):
         r = svc.post({"items": [{**ok, "output": out}]})
         assert r.status_code == 403 and "own state" in r.json()["detail"], (out, r.text)
     assert not (state / "jobs" / "x.json").exists()
-    r = svc.post({"items": [{**ok, "output": f"s3://{svc.bucket}/out/x.wav"}]})
+    r = svc.post({"items": [{**ok, "output": f"s3://{svc.bucket}/out/default/x.wav"}]})
     assert r.status_code == 403 and "outputs are .mp4 files" in r.json()["detail"], r.text
     r = svc.post({"items": [{**ok, "audio": svc.inputs["v12.mp4"], "output": svc.inputs["v12.mp4"]}]})
     assert r.status_code == 422 and "is an input" in r.json()["detail"]    # an input as output
     r = svc.post({"items": [{**ok, "item_id": "same"}, {**ok, "item_id": "same"}]})
     assert r.status_code == 422 and "duplicate item_id 'same'" in r.json()["detail"]
-    out = f"s3://{svc.bucket}/out/fixed/one.mp4"
+    out = f"s3://{svc.bucket}/out/default/fixed/one.mp4"
     r = svc.post({"items": [{**ok, "output": out}, {**ok, "output": out}]})
     assert r.status_code == 422 and "duplicate output" in r.json()["detail"]
     storage.write_bytes(out, b"someone else's file", svc.cfg.storage)

@@ -120,3 +120,30 @@ def test_ingresses_sharing_a_sqlite_store_all_run_on_the_head_node(monkeypatch, 
     pg = app_builder({"overrides": [f"checkpoint={checkpoint}", "serve.job_store=postgresql://h/db",
                                     f"serve.upload_dir={tmp_path}/up", "serve.ingress_replicas=3"]})
     assert HEAD_NODE_RESOURCE not in (pg._bound_deployment.ray_actor_options.get("resources") or {})
+
+
+def test_several_tenants_need_per_tenant_storage(checkpoint, tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"acme: {'a' * 40}\nbeta: {'b' * 40}\n")
+    base = [f"checkpoint={checkpoint}", f"serve.tokens_file={tokens}", f"serve.job_store={tmp_path}/js"]
+    with pytest.raises(ConfigError, match=r"2 tenants \(acme, beta\) but 'runs/'.*has no \{tenant\}"):
+        app_builder({"overrides": base})                              # the default allow-list is shared
+    with pytest.raises(ConfigError, match="serve.output_dir"):
+        app_builder({"overrides": base + [f'serve.allowed_uris=["{tmp_path}/out/{{tenant}}"]']})
+    app = app_builder({"overrides": base + [f'serve.allowed_uris=["{tmp_path}/out/{{tenant}}"]',
+                                            f"serve.output_dir='{tmp_path}/out/{{tenant}}'",
+                                            f'serve.shared_uris=["{tmp_path}/voices"]']})
+    job = app._bound_deployment.init_args[1]
+    assert job.serve.shared_uris == [f"{tmp_path}/voices"]
+
+
+def test_shared_uris_are_read_only_and_tenants_apart(tmp_path):
+    from dheads.serve.security import UriForbidden, UriPolicy
+
+    policy = UriPolicy([f"{tmp_path}/t/{{tenant}}"], shared=[f"{tmp_path}/voices"])
+    assert policy.check(f"{tmp_path}/voices/v.wav", "acme")
+    assert policy.check_output(f"{tmp_path}/t/acme/o.mp4", "acme")
+    with pytest.raises(UriForbidden, match="serve.shared_uris"):
+        policy.check_output(f"{tmp_path}/voices/o.mp4", "acme")
+    with pytest.raises(UriForbidden, match="outside the allowed"):
+        policy.check(f"{tmp_path}/t/beta/o.mp4", "acme")
