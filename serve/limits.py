@@ -226,11 +226,11 @@ async def read_uploads(stream: AsyncIterator[bytes], content_type: str, max_file
         parser = MultipartParser(boundary, parts.callbacks())
         seen, body_limit = 0, max_file_bytes + ENVELOPE_BYTES
         async for chunk in stream:
+            parser.write(chunk)  # first: files over their own limit say so
             seen += len(chunk)
             if seen > body_limit:
                 raise BodyTooLarge(f"the multipart body is over {body_limit} bytes (serve.max_upload_mb "
                                    f"+ {ENVELOPE_BYTES} for its envelope); stopped reading at {seen} bytes")
-            parser.write(chunk)
         parser.finalize()
     except (BodyTooLarge, BadBody):
         parts.close()

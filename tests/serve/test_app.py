@@ -161,7 +161,7 @@ def _outputs(svc: Service, job_id: str) -> list[str]:
     import boto3
 
     s3 = boto3.client("s3", endpoint_url=svc.cfg.storage.endpoint_url, region_name="us-east-1")
-    listed = s3.list_objects_v2(Bucket=svc.bucket, Prefix=f"out/{job_id}/").get("Contents", [])
+    listed = s3.list_objects_v2(Bucket=svc.bucket, Prefix=f"out/default/{job_id}/").get("Contents", [])
     return sorted(o["Key"] for o in listed if not o["Key"].endswith("/"))  # pyarrow dir markers
 
 
@@ -215,7 +215,7 @@ def test_job_fans_out_completes_and_reports_the_corrupt_item(service):
         assert results[item_id]["status"] == "succeeded", results[item_id]
         _check_mp4(svc, results[item_id]["output"], seconds)
     assert results["corrupt"]["output"] is None
-    assert _outputs(svc, job_id) == sorted(f"out/{job_id}/{i}.mp4" for i in expected)
+    assert _outputs(svc, job_id) == sorted(f"out/default/{job_id}/{i}.mp4" for i in expected)
     after = _scrape_all(svc)
     for name, delta in [("dheads_jobs_submitted_total", 1), ("dheads_jobs_failed_total", 1),
                         ("dheads_segments_generated_total", 8), ("dheads_frames_generated_total", 500),
@@ -272,7 +272,7 @@ def test_killing_model_replicas_mid_job_completes_every_item_once(service):
     assert sorted(x["item_id"] for x in results) == [f"k{i}" for i in range(4)]
     for x in results:
         _check_mp4(svc, x["output"], 6.0)
-    assert _outputs(svc, job_id) == sorted(f"out/{job_id}/k{i}.mp4" for i in range(4))
+    assert _outputs(svc, job_id) == sorted(f"out/default/{job_id}/k{i}.mp4" for i in range(4))
 
 
 def test_restarting_the_app_mid_job_resumes_it(service):
@@ -297,7 +297,7 @@ def test_restarting_the_app_mid_job_resumes_it(service):
     assert all(x["status"] == "succeeded" for x in results)
     for x in results:
         _check_mp4(svc, x["output"], 6.0)
-    assert _outputs(svc, job_id) == sorted(f"out/{job_id}/r{i}.mp4" for i in range(4))
+    assert _outputs(svc, job_id) == sorted(f"out/default/{job_id}/r{i}.mp4" for i in range(4))
 
 
 def test_nothing_runs_at_import():
@@ -412,7 +412,9 @@ def test_outputs_are_refused_when_they_would_clobber(service):
     assert not (state / "jobs" / "x.json").exists()
     r = svc.post({"items": [{**ok, "output": f"s3://{svc.bucket}/out/default/x.wav"}]})
     assert r.status_code == 403 and "outputs are .mp4 files" in r.json()["detail"], r.text
-    r = svc.post({"items": [{**ok, "audio": svc.inputs["v12.mp4"], "output": svc.inputs["v12.mp4"]}]})
+    mine = f"s3://{svc.bucket}/out/default/mine.mp4"                    # an input in the tenant's own space
+    storage.write_bytes(mine, storage.read_bytes(svc.inputs["v12.mp4"], svc.cfg.storage), svc.cfg.storage)
+    r = svc.post({"items": [{**ok, "audio": mine, "output": mine}]})
     assert r.status_code == 422 and "is an input" in r.json()["detail"]    # an input as output
     r = svc.post({"items": [{**ok, "item_id": "same"}, {**ok, "item_id": "same"}]})
     assert r.status_code == 422 and "duplicate item_id 'same'" in r.json()["detail"]
