@@ -174,12 +174,18 @@ def write_bytes(uri: str, data: bytes, storage: StorageConfig | None = None) -> 
         except OSError as e:
             raise _failure("write", uri, e, storage) from e
         return
+    _s3_replace(uri, storage, lambda f: f.write(data))
+
+
+def _s3_replace(uri: str, storage: StorageConfig | None, write) -> None:
+    """`write(stream)` into a temporary key beside `uri`, then move it onto
+    `uri` (S3 objects appear whole); the temporary is removed on failure."""
     fs, path = resolve(uri, storage)
     parent, name = posixpath.split(path)
     tmp = posixpath.join(parent, f"_tmp.{uuid.uuid4().hex}.{name}")
     try:
         with fs.open_output_stream(tmp) as f:
-            f.write(data)
+            write(f)
         fs.move(tmp, path)
     except OSError as e:
         with contextlib.suppress(OSError):
@@ -197,17 +203,8 @@ def upload_file(local_path: str | Path, uri: str, storage: StorageConfig | None 
             except OSError as e:
                 raise _failure("write", uri, e, storage) from e
         return
-    fs, path = resolve(uri, storage)  # streamed, like write_bytes: a temporary key, then a move
-    parent, name = posixpath.split(path)
-    tmp = posixpath.join(parent, f"_tmp.{uuid.uuid4().hex}.{name}")
-    try:
-        with open(local_path, "rb") as src, fs.open_output_stream(tmp) as f:
-            shutil.copyfileobj(src, f, 1 << 20)
-        fs.move(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            fs.delete_file(tmp)
-        raise _failure("write", uri, e, storage) from e
+    with open(local_path, "rb") as src:  # streamed, never held whole
+        _s3_replace(uri, storage, lambda f: shutil.copyfileobj(src, f, 1 << 20))
 
 
 def _durable_replace(dst: Path, write) -> None:

@@ -395,7 +395,7 @@ class DubbingAPI:
             raise _fail(*problem)
         uris = {name: storage.join(job.uploads, Path(up.path).name) for name, up in parts.files.items()}
         for name, up in parts.files.items():
-            await asyncio.to_thread(limits.store_upload, up.path, uris[name], self.cfg.storage)
+            await asyncio.to_thread(storage.upload_file, up.path, uris[name], self.cfg.storage)  # streamed
         job.items.append(local.model_copy(update={"identity": uris["identity"], "audio": uris["audio"]}))
         try:
             await self._check_items(job)

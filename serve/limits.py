@@ -243,13 +243,6 @@ async def read_uploads(stream: AsyncIterator[bytes], content_type: str, max_file
     return out
 
 
-def store_upload(local: str, uri: str, storage_cfg: StorageConfig | None) -> None:
-    """Copy an uploaded file to `uri` without holding it in memory (locally
-    atomic and durable via `storage.upload_file`; on S3 streamed to a
-    temporary key, then moved)."""
-    storage.upload_file(local, uri, storage_cfg)
-
-
 # ------------------------------------------------------------------ headers
 def image_header(uri: str, storage_cfg: StorageConfig | None) -> Optional[tuple[int, int]]:
     """(width, height) from an image's header (nothing decoded); None if unreadable."""
