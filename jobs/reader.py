@@ -34,6 +34,12 @@ previous frames together (per-channel gain 1 ± s, offset ± s/2, one draw per
 tuple), so the model must take colour from the identity frame.
 `data.blink_tuples` b > 0 (with `motion.eye_embed`) draws a share b of each
 clip's target frames in or beside its blinks (`target_frames`).
+`data.stabilize_tuples` p > 0 replaces, in a share p of the tuples, the older
+motion frame (k−2) by the identity frame (at frame k−2's pose with
+`motion.pose_warp`): the context the frame loop gives with
+`motion.stabilize_every` 1, which real frames alone show only at k = 2. The
+older frame then says nothing about the eyes, so a blink under way is
+carried by the previous frame and the eye embedding alone, as at inference.
 
 Shuffling is two-level: shard files are read in random order
 (`read_parquet(shuffle="files")`), and `iter_training_batches` draws from a
@@ -126,7 +132,8 @@ def target_frames(n: int, count: int, rng: np.random.Generator, eyes: np.ndarray
 def clip_tuples(row: dict, context: int, count: int, seed: int, epoch: int = 0,
                 identity_frame: IdentitySource | str = IdentitySource.first,
                 color_jitter: float = 0.0, pose_warp: bool = False,
-                eye_embed: bool = False, blink_tuples: float = 0.0) -> list[dict]:
+                eye_embed: bool = False, blink_tuples: float = 0.0,
+                stabilize_tuples: float = 0.0) -> list[dict]:
     """One shard row (a clip) -> `count` training tuples (see the module table)."""
     import torch
 
@@ -146,6 +153,10 @@ def clip_tuples(row: dict, context: int, count: int, seed: int, epoch: int = 0,
     # a random identity frame other than the target (uniform over the others)
     ids = {int(k): (int(j) + (j >= k) if random_identity else 0)
            for k, j in zip(ks, rng.integers(0, max(n - 1, 1), len(ks)))}
+    # which tuples see the identity as their older motion frame (frame loop's stabilize)
+    # (drawn only when on, so the other draws stay those of earlier runs)
+    draws = rng.random(len(ks)) if stabilize_tuples > 0 else np.ones(len(ks))
+    stabilized = {int(k): bool(u < stabilize_tuples) for k, u in zip(ks, draws)}
     blobs = row["frames"]
     needed = sorted(set(ids.values()) | {int(j) for k in ks for j in (k - 2, k - 1, k) if j >= 0})
     decoded = {j: _unit(f) for j, f in zip(needed, decode_frames([blobs[j] for j in needed]))}
@@ -160,6 +171,11 @@ def clip_tuples(row: dict, context: int, count: int, seed: int, epoch: int = 0,
         if color_jitter > 0:
             images = jitter(images, color_jitter, rng)
         target, identity, prev2, prev1 = images
+        if stabilized[k] and k >= 2:
+            prev2 = identity
+            if poses is not None:
+                rel2 = relative_pose(poses[k - 2], poses[ids[k]]).astype(np.float32)
+                prev2 = warp_to_pose(torch.from_numpy(identity)[None], torch.from_numpy(rel2)[None])[0].numpy()
         if poses is not None:
             # the identity frame moved to frame k's head pose (the motion frames
             # before the start stay the identity frame itself, as at inference for pose 0)
@@ -207,7 +223,8 @@ def training_dataset(shards_uri: str, model_cfg: ModelConfig, data_cfg: DataConf
                                                  color_jitter=data_cfg.color_jitter,
                                                  pose_warp=model_cfg.motion.pose_warp,
                                                  eye_embed=model_cfg.motion.eye_embed,
-                                                 blink_tuples=data_cfg.blink_tuples))
+                                                 blink_tuples=data_cfg.blink_tuples,
+                                                 stabilize_tuples=data_cfg.stabilize_tuples))
     if global_shuffle:
         ds = ds.random_shuffle(seed=data_cfg.seed + epoch)
     return ds

@@ -83,6 +83,10 @@ class DataConfig:
     # with motion.eye_embed only). Blinks cover ~5 % of frames; drawn at that
     # rate the eye embedding barely sees one. 0: uniform draws.
     blink_tuples: float = 0.0
+    # Share of tuples whose older motion frame (k−2) is the identity frame (at
+    # k−2's pose with motion.pose_warp): the context of the frame loop's
+    # motion.stabilize_every 1, otherwise seen in training only at k = 2. 0: off.
+    stabilize_tuples: float = 0.0
     seed: int = 0
 
 

@@ -109,6 +109,38 @@ def test_pose_warp_moves_the_identity_to_the_targets_measured_pose(shards):
     assert moved > 0  # the synthetic clips' heads move
 
 
+def test_stabilize_tuples_put_the_identity_at_the_older_motion_frame(shards):
+    """stabilize_tuples p: in about a share p of tuples (k >= 2) the older motion
+    frame is the identity at frame k-2's pose, as the frame loop's stabilize
+    gives it; the newer one stays the true previous frame."""
+    from dheads.jobs.reader import clip_tuples
+    from dheads.model.posewarp import warp_to_pose
+
+    out, cfg = shards
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(pp.shard_uris(out, cfg.storage)[0]).to_pylist()
+    swapped = total = 0
+    for row in rows:
+        plain = {t["frame_index"]: t for t in clip_tuples(row, 2, row["n_frames"], seed=0)}
+        poses = np.asarray(row["head_pose"], np.float32)
+        for t in clip_tuples(row, 2, row["n_frames"], seed=0, pose_warp=True, stabilize_tuples=0.5):
+            k = int(t["frame_index"])
+            true = plain[k]["motion"]
+            np.testing.assert_allclose(t["motion"][1], true[1], atol=1e-5)
+            if k < 2:
+                np.testing.assert_allclose(t["motion"][0], true[0], atol=1e-5)
+                continue
+            total += 1
+            older = warp_to_pose(torch.from_numpy(plain[k]["identity"])[None],
+                                 torch.from_numpy(poses[k - 2])[None])[0].numpy()
+            if np.allclose(t["motion"][0], np.tensordot(GRAY, older, axes=1), atol=1e-5):
+                swapped += 1
+            else:
+                np.testing.assert_allclose(t["motion"][0], true[0], atol=1e-5)
+    assert total > 20 and 0.25 < swapped / total < 0.75
+
+
 def test_streaming_split_feeds_two_workers(shards):
     out, cfg = shards
     data = compose("train", ["data.frames_per_clip_epoch=4", "data.shuffle_buffer=0"]).data
