@@ -213,6 +213,7 @@ class ServeConfig:
     lease_s: float = 30.0                # an ingress holds an item this long between renewals
     max_attempts: int = 3                # claims of an item before it fails with its last error
     poll_s: float = 1.0                  # how often an ingress renews leases and claims items
+    store_timeout_s: float = 10.0        # PostgreSQL statement timeout; TCP keepalive/user timeout from it
     job_ttl_s: float = 604800.0          # a finished job is deleted this long after (7 days)
     upload_ttl_s: float = 86400.0        # uploaded files are deleted this long after upload
     output_dir: str = "runs/dubbed"      # default output prefix for uploads / items without one

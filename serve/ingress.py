@@ -201,7 +201,8 @@ class DubbingAPI:
     async def __init__(self, model, cfg: ServeJob, tokens: dict):
         s = cfg.serve
         self.cfg, self.tokens = cfg, dict(tokens)
-        self.store = JobStore(s.job_store, lease_s=s.lease_s, max_attempts=s.max_attempts)
+        self.store = JobStore(s.job_store, lease_s=s.lease_s, max_attempts=s.max_attempts,
+                              timeout_s=s.store_timeout_s)
         self.upload_dir = s.upload_dir
         state = [p for p in (self.store.location, self.upload_dir) if p]
         self.policy = UriPolicy(s.allowed_uris, state, protected=[cfg.checkpoint], shared=s.shared_uris)

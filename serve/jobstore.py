@@ -6,10 +6,19 @@ ingresses on any nodes). One row per job, one per item; every change is one
 short transaction, and every state change is a guarded `UPDATE`:
 
 - **leases**: an ingress runs an item only after `claim` set the item's
-  `lease_owner` to its own id with `lease_until` in the future; it renews its
-  leases while it works (`renew`). Two ingresses on one store never run the
-  same item; the items of one that crashed are claimable again once their
-  lease has expired, and the next claim takes them over.
+  `lease_owner` to its own id with `lease_until` in the future; it renews
+  the leases of the items a task of it still runs (`renew(owner, live)`), and
+  gives back at once any other item it holds (a task that ended on an error
+  before it could finish or release its item). Two ingresses on one store
+  never run the same item; the items of one that crashed are claimable again
+  once their lease has expired, and the next claim takes them over.
+- **one clock**: lease times come from the database's clock (PostgreSQL's
+  `clock_timestamp()`; SQLite's file lives on one node, whose clock all its
+  ingresses share), so an ingress whose own clock runs ahead cannot take over
+  live items.
+- **no hang on a dead server**: PostgreSQL connections carry a statement
+  timeout, TCP keepalives and a TCP user timeout (`JobStore(timeout_s=...)`),
+  so a half-open connection fails the call instead of holding the store lock.
 - **attempts** are counted by `claim`: an item claimed `max_attempts` times
   without finishing fails with its last error (a crash of the process running
   it counts as an attempt, so an item that kills its worker cannot loop).
@@ -147,9 +156,9 @@ class _Db:
     """One connection, one lock; `tx()` yields a cursor inside one transaction.
     SQL is written with `?` placeholders (psycopg's are `%s`)."""
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, timeout_s: float = 30.0):
         self.postgres = is_postgres(uri)
-        self.uri = uri
+        self.uri, self.timeout_s = uri, float(timeout_s)
         self._lock = threading.Lock()
         self._conn = self._connect()
         with self.tx() as cur:
@@ -161,7 +170,16 @@ class _Db:
             import psycopg
 
             try:
-                return psycopg.connect(self.uri, autocommit=True, connect_timeout=10)
+                ms = max(int(self.timeout_s * 1000), 1)
+                # the server ends a statement after timeout_s; the client's kernel
+                # ends a connection whose peer stopped answering (keepalive probes
+                # on an idle link, TCP_USER_TIMEOUT on unacknowledged data)
+                return psycopg.connect(
+                    self.uri, autocommit=True, connect_timeout=max(int(self.timeout_s), 2),
+                    options=f"-c statement_timeout={ms} -c idle_in_transaction_session_timeout={ms}",
+                    keepalives=1, keepalives_idle=max(int(self.timeout_s / 3), 1),
+                    keepalives_interval=max(int(self.timeout_s / 9), 1), keepalives_count=3,
+                    tcp_user_timeout=ms)
             except psycopg.Error as e:
                 raise JobStoreError(f"job store {_redacted(self.uri)}: cannot connect ({e})") from e
         path = self.uri if self.uri.endswith((".sqlite3", ".sqlite", ".db")) else \
@@ -219,6 +237,15 @@ class _Cursor:
         self.run(sql, params)
         return list(self.cur.fetchall())
 
+    def now(self, given: Optional[float] = None) -> float:
+        """`given` (tests), else the database's clock: PostgreSQL's own; for
+        SQLite this host's, which every ingress of the file shares."""
+        if given is not None:
+            return float(given)
+        if self.postgres:
+            return float(self.rows("SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8")[0][0])
+        return time.time()
+
 
 def _redacted(uri: str) -> str:
     return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", uri)
@@ -228,12 +255,12 @@ class JobStore:
     """Jobs and items in SQLite (`uri` a local directory) or PostgreSQL (`uri`
     a `postgresql://` URL). Thread-safe; the ingress calls it from threads."""
 
-    def __init__(self, uri: str, *, lease_s: float = 30.0, max_attempts: int = 3):
+    def __init__(self, uri: str, *, lease_s: float = 30.0, max_attempts: int = 3, timeout_s: float = 30.0):
         if storage.is_s3(uri):
             raise JobStoreError(f"job store {uri}: an object store cannot hold leases; use a local "
                                 "directory (SQLite) or a postgresql:// URL")
         self.uri, self.lease_s, self.max_attempts = uri, float(lease_s), int(max_attempts)
-        self.db = _Db(uri)
+        self.db = _Db(uri, timeout_s)
 
     @property
     def location(self) -> Optional[str]:
@@ -248,9 +275,9 @@ class JobStore:
 
     # ------------------------------------------------------------ jobs
     def create(self, job: JobRecord) -> None:
-        now = time.time()
-        job.created_at = job.updated_at = now
         with self.db.tx() as c:
+            now = c.now()
+            job.created_at = job.updated_at = now
             c.run("INSERT INTO dheads_jobs (job_id, tenant, status, created_at, updated_at, seed, "
                   "overwrite, uploads) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                   (job.job_id, job.tenant, JobStatus.queued.value, now, now, job.seed,
@@ -285,8 +312,8 @@ class JobStore:
         """Cancel a job and every item not yet final; a final job stays as it is."""
         if self.load(job_id, tenant) is None:
             return None
-        now = time.time()
         with self.db.tx() as c:
+            now = c.now()
             changed = c.run(f"UPDATE dheads_jobs SET status = 'cancelled', updated_at = ?, finished_at = ? "
                             f"WHERE job_id = ? AND status NOT IN {_FINAL_JOB_SQL}", (now, now, job_id))
             if changed:
@@ -310,11 +337,11 @@ class JobStore:
         """Take up to `limit` runnable items: queued ones, and running ones whose
         lease expired (their ingress stopped). An item already claimed
         `max_attempts` times fails instead, with its last error."""
-        now = time.time() if now is None else now
         out: list[Claim] = []
         if limit <= 0:
             return out
         with self.db.tx() as c:
+            now = c.now(now)
             rows = c.rows(
                 f"SELECT i.job_id, i.idx, i.spec, i.attempts, i.reason, i.wrote, j.seed, j.overwrite, i.status "
                 f"FROM dheads_items i JOIN dheads_jobs j ON j.job_id = i.job_id "
@@ -353,16 +380,26 @@ class JobStore:
                     self._settle(c, job_id, now)
         return out
 
-    def renew(self, owner: str, now: Optional[float] = None) -> set[tuple[str, int]]:
-        """Extend every lease `owner` holds; returns the items it still holds
-        (an item missing from the set was cancelled or taken over: stop it)."""
-        now = time.time() if now is None else now
+    def renew(self, owner: str, live: set[tuple[str, int]],
+              now: Optional[float] = None) -> set[tuple[str, int]]:
+        """Extend the leases `owner` holds of the items in `live` (those a task
+        of it still runs); an item it holds that is not live (its task ended on
+        an error before finishing or releasing it) is given back at once,
+        queued with that reason, the attempt counted. Returns the live items
+        it still holds: one missing was cancelled or taken over, stop it."""
         with self.db.tx() as c:
-            c.run("UPDATE dheads_items SET lease_until = ? WHERE lease_owner = ? AND status = 'running'",
-                  (now + self.lease_s, owner))
-            rows = c.rows("SELECT job_id, idx FROM dheads_items WHERE lease_owner = ? AND status = 'running'",
-                          (owner,))
-        return {(r[0], int(r[1])) for r in rows}
+            now = c.now(now)
+            held = {(r[0], int(r[1])) for r in c.rows(
+                "SELECT job_id, idx FROM dheads_items WHERE lease_owner = ? AND status = 'running'", (owner,))}
+            for job_id, idx in held - set(live):
+                c.run(f"UPDATE dheads_items SET status = 'queued', lease_owner = NULL, lease_until = NULL, "
+                      f"reason = ? {self._held(owner)}",
+                      ("its ingress task ended without a result (a job-store error); retried",
+                       job_id, idx, owner))
+            for job_id, idx in held & set(live):
+                c.run(f"UPDATE dheads_items SET lease_until = ? {self._held(owner)}",
+                      (now + self.lease_s, job_id, idx, owner))
+        return held & set(live)
 
     def _held(self, owner: str) -> str:
         return "WHERE job_id = ? AND idx = ? AND lease_owner = ? AND status = 'running'"
@@ -383,8 +420,8 @@ class JobStore:
         """A final state for an item `owner` holds. Returns None when it no
         longer holds it (cancelled, or taken over: nothing changes then), else
         the job's status if this made the job final, else `running`."""
-        now = time.time()
         with self.db.tx() as c:
+            now = c.now()
             changed = c.run(f"UPDATE dheads_items SET status = ?, reason = ?, seconds = ?, lease_owner = NULL, "
                             f"lease_until = NULL {self._held(owner)}",
                             (status.value, reason, seconds, job_id, idx, owner))
@@ -430,8 +467,8 @@ class JobStore:
         (their ids, the upload folders to delete: theirs, and those of jobs
         created `upload_ttl_s` ago or more). An item whose upload expired
         before it ran fails then (`upload expired`)."""
-        now = time.time() if now is None else now
         with self.db.tx() as c:
+            now = c.now(now)
             gone = c.rows(f"SELECT job_id, uploads FROM dheads_jobs WHERE status IN {_FINAL_JOB_SQL} "
                           f"AND finished_at IS NOT NULL AND finished_at <= ?", (now - job_ttl_s,))
             for job_id, _ in gone:

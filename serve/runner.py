@@ -21,6 +21,16 @@ item tasks here stop, and every model replica drops the job's segments
 before its next denoising step (`DubbingModel.cancel`, a broadcast). Another
 ingress running items of the job sees at its next renewal that it no longer
 holds them and stops them the same way.
+
+Segments are named `<job>/<item>/<attempt>/` on the replicas, so an ingress
+that lost one item (its lease expired and another ingress took it over)
+stops only that attempt's segments, never the new owner's.
+
+Every exit of an item task settles its item: `finish` or `release`, retried
+over a store hiccup for up to `serve.lease_s`; progress reports are
+best-effort. An item whose task ended without either (the store stayed
+down) is given back by the next renewal (`JobStore.renew` extends only the
+leases of the items a task here still runs).
 """
 from __future__ import annotations
 
@@ -72,7 +82,13 @@ async def _unwrap(ref: ray.ObjectRef):
 
 
 def segment_prefix(job_id: str) -> str:
+    """The replicas' name prefix of every segment of a job."""
     return f"{job_id}/"
+
+
+def attempt_prefix(job_id: str, index: int, attempt: int) -> str:
+    """The replicas' name of one attempt's segments (a prefix of no other's)."""
+    return f"{job_id}/{index}/{attempt}/"
 
 
 class JobRunner:
@@ -80,6 +96,8 @@ class JobRunner:
         self.cfg, self.model, self.store, self.metrics = cfg, model, store, metrics
         self.owner = new_owner()
         self.tasks: dict[tuple[str, int], asyncio.Task] = {}
+        self.attempts: dict[tuple[str, int], int] = {}   # the attempt each task runs
+        self.settling: set[tuple[str, int]] = set()      # tasks saving their result
         self.in_flight = 0
         self._image_size: Optional[int] = None
         self._wake = asyncio.Event()
@@ -116,11 +134,25 @@ class JobRunner:
     async def _stop_job(self, job_id: str) -> list[dict]:
         for key in [k for k in self.tasks if k[0] == job_id]:
             self.tasks.pop(key).cancel()
+            self.attempts.pop(key, None)
+        return await self._broadcast_cancel(segment_prefix(job_id))
+
+    async def _stop_items(self, keys: set[tuple[str, int]]) -> None:
+        """Stop this ingress's attempts of `keys` (taken over or cancelled
+        elsewhere) and only their segments on the replicas."""
+        for key in keys:
+            task, attempt = self.tasks.pop(key, None), self.attempts.pop(key, None)
+            if task is not None:
+                task.cancel()
+            if attempt is not None:
+                await self._broadcast_cancel(attempt_prefix(*key, attempt))
+
+    async def _broadcast_cancel(self, prefix: str) -> list[dict]:
         try:
-            return await self.model.broadcast("cancel", segment_prefix(job_id)).results_async(
+            return await self.model.broadcast("cancel", prefix).results_async(
                 timeout_s=60, return_exceptions=True)
         except Exception as e:  # noqa: BLE001 - no replica up: nothing is generating
-            log.warning("cancel broadcast for job %s: %s", job_id, e)
+            log.warning("cancel broadcast for %s: %s", prefix, e)
             return []
 
     async def image_size(self) -> int:
@@ -147,14 +179,15 @@ class JobRunner:
 
     async def _poll_once(self) -> None:
         s = self.cfg.serve
-        held = await asyncio.to_thread(self.store.renew, self.owner)
-        lost = {k for k in self.tasks if k not in held}
-        for job_id in {k[0] for k in lost}:     # cancelled (or taken over) elsewhere
-            await self._stop_job(job_id)
+        live = set(self.tasks)
+        held = await asyncio.to_thread(self.store.renew, self.owner, live)
+        # cancelled or taken over elsewhere (a task saving its result is left to end)
+        await self._stop_items({k for k in live - held if k in self.tasks and k not in self.settling})
         free = s.item_concurrency - len(self.tasks)
         if free > 0:
             for claim in await asyncio.to_thread(self.store.claim, self.owner, free):
                 key = (claim.job_id, claim.index)
+                self.attempts[key] = claim.attempt
                 self.tasks[key] = asyncio.create_task(self._run_item(claim))
         now = time.time()
         if now - self._last_sweep >= min(60.0, s.upload_ttl_s, s.job_ttl_s):
@@ -166,7 +199,7 @@ class JobRunner:
     # ----------------------------------------------------------------- items
     async def _run_item(self, claim: Claim) -> None:
         key, rec = (claim.job_id, claim.index), claim.item
-        status, reason, seconds = None, None, None
+        status, reason, seconds, retry = None, None, None, None
         try:
             exists = await asyncio.to_thread(storage.exists, rec.output, self.cfg.storage)
             if exists and claim.wrote and not claim.overwrite:
@@ -181,22 +214,57 @@ class JobRunner:
         except ItemError as e:
             status, reason = ItemStatus.failed, str(e)
         except asyncio.CancelledError:
-            return                                  # cancelled: the store already says so
-        except Exception as e:  # a lost worker or replica: worth another attempt
-            log.warning("item %s of job %s, attempt %d: %s", rec.item_id, claim.job_id, claim.attempt, e)
-            await asyncio.to_thread(self.store.release, self.owner, *key, f"{type(e).__name__}: {e}")
-            self._wake.set()
+            self._forget(key)                       # cancelled or moved: the store already says so
             return
+        except Exception as e:  # a lost worker or replica, a store error: worth another attempt
+            log.warning("item %s of job %s, attempt %d: %s", rec.item_id, claim.job_id, claim.attempt, e)
+            retry = f"{type(e).__name__}: {e}"
+        self.settling.add(key)
+        try:
+            if retry is not None:
+                await self._settle(self.store.release, *key, retry)
+                return
+            job_status = await self._settle(self.store.finish, *key, status, reason, seconds)
         finally:
-            self.tasks.pop(key, None)
-        job_status = await asyncio.to_thread(self.store.finish, self.owner, *key, status, reason, seconds)
+            self.settling.discard(key)
+            self._forget(key)
+            self._wake.set()
         if job_status is not None:
             self.metrics.items.labels(status=status.value).inc()
         if job_status == JobStatus.succeeded:
             self.metrics.jobs_finished.inc()
         elif job_status == JobStatus.failed:
             self.metrics.jobs_failed.inc()
-        self._wake.set()
+
+    def _forget(self, key: tuple[str, int]) -> None:
+        if self.tasks.get(key) is asyncio.current_task():
+            self.tasks.pop(key, None)
+            self.attempts.pop(key, None)
+
+    async def _settle(self, save, *args):
+        """`save(owner, *args)` in the store (finish or release), retried over
+        a store error for up to `serve.lease_s`; None when it never got
+        through (the next renewal then gives the item back)."""
+        deadline = time.monotonic() + self.cfg.serve.lease_s
+        delay = min(self.cfg.serve.poll_s, 1.0)
+        while True:
+            try:
+                return await asyncio.to_thread(save, self.owner, *args)
+            except Exception as e:  # noqa: BLE001 - a store error: the item must still end
+                if time.monotonic() + delay > deadline:
+                    log.error("item %s of job %s: could not save its result (%s); the next lease "
+                              "renewal gives it back", args[1], args[0], e)
+                    return None
+                log.warning("saving item %s of job %s: %s; retrying", args[1], args[0], e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _progress(self, key: tuple[str, int], total: int, done: int) -> None:
+        """Best-effort: a store error here must not fail the item."""
+        try:
+            await asyncio.to_thread(self.store.progress, self.owner, *key, total, done)
+        except Exception as e:  # noqa: BLE001
+            log.warning("progress of item %s of job %s: %s", key[1], key[0], e)
 
     async def _dub(self, claim: Claim) -> float:
         rec, key = claim.item, (claim.job_id, claim.index)
@@ -205,13 +273,13 @@ class JobRunner:
             rec.model_copy(), self.cfg.dub, size, self.cfg.storage, claim.seed)
         prepared: PreparedItem = await _unwrap(prepared_ref)
         total = len(prepared.segments)
-        await asyncio.to_thread(self.store.progress, self.owner, *key, total, 0)
+        await self._progress(key, total, 0)
         done = [0]
 
         async def one(segment: Segment):
             frames = await self._generate(claim, segment)
             done[0] += 1
-            await asyncio.to_thread(self.store.progress, self.owner, *key, total, done[0])
+            await self._progress(key, total, done[0])
             return frames
 
         frames = await asyncio.gather(*(one(s) for s in prepared.segments))
@@ -223,8 +291,9 @@ class JobRunner:
 
     async def _generate(self, claim: Claim, segment: Segment):
         t0 = time.perf_counter()
-        # named <job>/<index> on the replicas, so a cancel can find the job's segments
-        segment = dataclasses.replace(segment, item_id=f"{segment_prefix(claim.job_id)}{claim.index}")
+        # named <job>/<index>/<attempt>/ on the replicas, so a cancel can find
+        # the job's segments, or one attempt's
+        segment = dataclasses.replace(segment, item_id=attempt_prefix(claim.job_id, claim.index, claim.attempt))
         self.in_flight += 1
         self.metrics.queue_depth.set(self.in_flight)
         try:

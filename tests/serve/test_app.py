@@ -472,3 +472,116 @@ def test_cancel_stops_the_segments_within_a_step_and_stays_cancelled(service):
     job = svc.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "cancelled" and job["items"][0]["status"] == "cancelled"
     assert _outputs(svc, job_id) == []
+
+
+def test_two_runners_settle_every_item_through_store_faults_and_a_takeover(service, store_url, request,
+                                                                          tmp_path, dub_inputs):
+    """Two ingresses' runners on one store (SQLite, PostgreSQL), the real model
+    deployment between them. Runner A's store fails `progress` once, and
+    `mark_writing` once with the `release` after it (a store error on an
+    item's way out); A's renewals stop reaching the store while item 1's
+    lease expires and runner B takes it over; on PostgreSQL the server is
+    then down for 5 s. Every item ends final, the taken-over one succeeds
+    (A stops only its own attempt's segments, not B's), and no row stays
+    running without a task."""
+    import asyncio
+    import dataclasses
+    import threading
+
+    from ray import serve
+
+    from dheads.serve.jobstore import ItemRecord, JobRecord, JobStoreError
+    from dheads.serve.metrics import ServeMetrics
+    from dheads.serve.runner import JobRunner
+
+    svc = service
+    cfg = dataclasses.replace(svc.cfg, serve=dataclasses.replace(
+        svc.cfg.serve, lease_s=6.0, poll_s=0.2, max_attempts=4, store_timeout_s=2.0))
+
+    class FaultyStore(JobStore):
+        """Injected store errors (the real database behind them)."""
+        hold = False                       # renewals "lost on the way" while set
+
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.faults = {"progress": 1, "mark_writing": 1, "release": 1}
+
+        def _fault(self, name: str) -> None:
+            if self.faults.get(name, 0) > 0:
+                self.faults[name] -= 1
+                raise JobStoreError(f"injected {name} failure")
+
+        def renew(self, owner, live, now=None):
+            return set(live) if self.hold else super().renew(owner, live, now)
+
+        def progress(self, *a):
+            self._fault("progress")
+            return super().progress(*a)
+
+        def mark_writing(self, *a):
+            self._fault("mark_writing")
+            return super().mark_writing(*a)
+
+        def release(self, *a):
+            self._fault("release")
+            return super().release(*a)
+
+    store_a = FaultyStore(store_url, lease_s=6.0, max_attempts=4, timeout_s=2.0)
+    store_b = JobStore(store_url, lease_s=6.0, max_attempts=4, timeout_s=2.0)
+    from PIL import Image
+
+    # local files: the test's own Ray tasks hold no S3 credentials (the service's replicas do)
+    Image.fromarray(dub_inputs.face_image(1)).save(tmp_path / "id.png")
+    dub_inputs.write_audio(tmp_path / "a20.wav", dub_inputs.speech(20.0, seed=20))
+    job = JobRecord(tenant="default", seed=3, items=[
+        ItemRecord(item_id=f"r{k}", identity=str(tmp_path / "id.png"), audio=str(tmp_path / "a20.wav"),
+                   output=str(tmp_path / "out" / f"r{k}.mp4")) for k in range(2)])
+    store_a.create(job)
+
+    async def until(check, what: str, timeout: float = 240.0):
+        deadline = time.monotonic() + timeout
+        while not (got := await asyncio.to_thread(check)):
+            assert time.monotonic() < deadline, f"timed out waiting for {what}: " + repr(
+                [(i.status, i.lease_owner, i.segments_total, i.reason) for i in store_b.load(job.job_id).items])
+            await asyncio.sleep(0.1)
+        return got
+
+    async def scenario():
+        model = serve.get_deployment_handle("DubbingModel", app_name="dheads")   # on this loop
+        a = JobRunner(cfg, model, store_a, ServeMetrics("runner-a"))
+        b = JobRunner(cfg, model, store_b, ServeMetrics("runner-b"))
+        a.start()
+        await until(lambda: all(i.lease_owner == a.owner and i.segments_total > 0
+                                for i in store_b.load(job.job_id).items), "runner A running both items")
+        store_a.hold = True
+        with store_b.db.tx() as c:             # item 1's lease runs out
+            c.run("UPDATE dheads_items SET lease_until = 0 WHERE job_id = ? AND idx = 1", (job.job_id,))
+        b.start()
+        await until(lambda: store_b.load(job.job_id).items[1].lease_owner == b.owner, "the takeover")
+        store_a.hold = False
+        if store_url.startswith("postgresql"):
+            down = threading.Thread(target=request.getfixturevalue("postgres_server").restart, args=(5.0,))
+            down.start()
+            await asyncio.to_thread(down.join)
+        done = await until(lambda: (j := store_b.load(job.job_id)).status.value in (
+            "succeeded", "failed", "cancelled") and j, "the job to end")
+        await asyncio.sleep(3 * cfg.serve.poll_s)
+        live = set(a.tasks) | set(b.tasks)
+        await a.stop()
+        await b.stop()
+        return done, live
+
+    try:
+        done, live = asyncio.run(scenario())
+    finally:
+        store_a.close()
+        store_b.close()
+    assert [i.status.value for i in done.items] == ["succeeded", "succeeded"], \
+        [(i.status, i.reason) for i in done.items]
+    assert done.items[1].attempts >= 2 and not live
+    check = JobStore(store_url)
+    assert not [i for i in check.load(job.job_id).items if i.status.value == "running"]
+    check.close()
+    assert sorted(os.listdir(tmp_path / "out")) == ["r0.mp4", "r1.mp4"]      # no temporary left
+    for k in range(2):
+        assert probe(done.items[k].output)["duration_s"] > 19

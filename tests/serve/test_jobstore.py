@@ -5,6 +5,7 @@ corrupt rows. Two `JobStore` objects are two ingresses (two connections)."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -80,10 +81,96 @@ def test_a_crashed_ingress_items_are_taken_over_after_the_lease(stores):
     # a late save from the old owner changes nothing
     assert a.finish("ingress-a", job.job_id, 0, ItemStatus.succeeded) is None
     assert not a.progress("ingress-a", job.job_id, 0, 4, 4)
-    assert a.renew("ingress-a") == set() and b.renew("ingress-b") == {(job.job_id, 0)}
+    assert a.renew("ingress-a", {(job.job_id, 0)}, now=t0 + 12) == set()
+    assert b.renew("ingress-b", {(job.job_id, 0)}, now=t0 + 12) == {(job.job_id, 0)}
     assert b.finish("ingress-b", job.job_id, 0, ItemStatus.succeeded, seconds=2.0) == JobStatus.succeeded
     done = a.load(job.job_id)
     assert done.status == JobStatus.succeeded and done.items[0].seconds == 2.0 and done.finished_at
+
+
+def test_renewal_extends_only_live_items_and_gives_the_others_back(stores):
+    """An item whose task ended without finishing or releasing it (a store
+    error on its way out) is given back at the next renewal, not renewed
+    until its ingress dies."""
+    a, b = stores
+    job = _job(2)
+    a.create(job)
+    t = 3_000_000_000.0
+    assert len(a.claim("a", 5, now=t)) == 2
+    assert a.renew("a", {(job.job_id, 0)}, now=t + 5) == {(job.job_id, 0)}
+    items = a.load(job.job_id).items
+    assert items[0].status == ItemStatus.running and items[0].lease_owner == "a"
+    assert items[1].status == ItemStatus.queued and "ended without a result" in items[1].reason
+    # claimable at once, the attempt counted; the live item's lease runs to t + 15
+    [again] = b.claim("b", 5, now=t + 6)
+    assert (again.index, again.attempt) == (1, 2)
+    assert b.claim("b", 5, now=t + 14) == []
+    assert [c.index for c in b.claim("b", 5, now=t + 16)] == [0]
+
+
+def test_lease_times_come_from_the_database_clock(postgres_server, monkeypatch):
+    """An ingress whose clock runs an hour ahead takes over no live item:
+    PostgreSQL's clock stamps and compares every lease."""
+    import dheads.serve.jobstore as js
+
+    url = postgres_server()
+    a, b = JobStore(url, lease_s=10), JobStore(url, lease_s=10)
+    job = _job(1)
+    a.create(job)
+    assert len(a.claim("a", 1)) == 1
+    real = js.time.time
+    monkeypatch.setattr(js.time, "time", lambda: real() + 3600.0)
+    assert b.claim("b", 1) == []
+    assert a.renew("a", {(job.job_id, 0)}) == {(job.job_id, 0)}
+    assert a.load(job.job_id).items[0].lease_owner == "a"
+    a.close()
+    b.close()
+
+
+def test_postgres_statements_time_out_and_connections_keep_alive(postgres_server):
+    import psycopg
+
+    s = JobStore(postgres_server(), timeout_s=1.0)
+    with s.db.tx() as c:
+        assert c.rows("SHOW statement_timeout")[0][0] == "1s"
+        assert c.rows("SHOW idle_in_transaction_session_timeout")[0][0] == "1s"
+    dsn = s.db._conn.info.get_parameters()
+    assert dsn["keepalives"] == "1" and dsn["tcp_user_timeout"] == "1000" and "keepalives_idle" in dsn
+    with pytest.raises(psycopg.errors.QueryCanceled):
+        with s.db.tx() as c:
+            c.run("SELECT pg_sleep(30)")
+    job = _job(1)
+    s.create(job)                         # the store goes on after the cancelled statement
+    assert s.load(job.job_id).status == JobStatus.queued
+    s.close()
+
+
+def test_a_postgres_restart_costs_calls_not_the_store(postgres_server):
+    """The server stops for 5 s: calls meanwhile fail with an error (no hang
+    past the timeout), and the same store works again once it is back."""
+    from dheads.serve.jobstore import JobStoreError
+
+    import psycopg
+
+    url = postgres_server()
+    s = JobStore(url, lease_s=30, timeout_s=2.0)
+    job = _job(1)
+    s.create(job)
+    [claim] = s.claim("a", 1)
+    restart = threading.Thread(target=postgres_server.restart, args=(5.0,))
+    restart.start()
+    failures = 0
+    while restart.is_alive():
+        try:
+            s.renew("a", {(job.job_id, 0)})
+        except (psycopg.Error, JobStoreError):
+            failures += 1
+        time.sleep(0.3)
+    restart.join()
+    assert failures > 0
+    assert s.renew("a", {(job.job_id, 0)}) == {(job.job_id, 0)}
+    assert s.finish("a", job.job_id, 0, ItemStatus.succeeded) == JobStatus.succeeded
+    s.close()
 
 
 def test_attempts_are_capped_and_the_item_fails_with_its_last_error(store_url):
@@ -123,7 +210,7 @@ def test_cancel_is_final_and_no_late_save_undoes_it(stores):
     assert a.finish("a", job.job_id, 1, ItemStatus.succeeded) is None
     assert not a.progress("a", job.job_id, 1, 3, 3) and not a.mark_writing("a", job.job_id, 1)
     assert not a.release("a", job.job_id, 1, "late error")
-    assert a.renew("a") == set()
+    assert a.renew("a", {(job.job_id, 1)}) == set()
     assert a.claim("a", 5) == [] and b.claim("b", 5) == []
     again = a.load(job.job_id)
     assert again.status == JobStatus.cancelled and again.items[1].status == ItemStatus.cancelled
