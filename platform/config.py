@@ -204,6 +204,10 @@ class ServeConfig:
     # it reads a body only as fast as it is handled (Serve's proxy buffers
     # bodies whole); the Serve port then refuses multipart (421). null: off.
     upload_port: Optional[int] = 8001
+    # With no upload listener (upload_port null): multipart bodies on the Serve
+    # port are refused (415), since Serve's proxy queues a whole body before
+    # the token is checked; true accepts them anyway, up to max_upload_mb.
+    multipart_via_serve: bool = False
     max_upload_connections: int = 32     # requests open on the upload listener at once; more: 503
     # The upload listener closes a connection whose request headers take
     # longer than this, or whose body sends nothing for body_timeout_s while

@@ -141,6 +141,21 @@ def _fail(status: int, detail: str) -> HTTPException:
 
 # Helpers sit above the deployment: `serve.ingress` serialises the class when
 # it is decorated, so names defined below it would be missing in the replica.
+def multipart_refusal(s, listener_port: Optional[int], host: str) -> Optional[tuple[int, str]]:
+    """Why the Serve route does not read a multipart body (None: it does).
+    Serve's proxy queues a whole body before the handler runs, so uploads
+    go to the ingress's own listener; with none (`serve.upload_port` null)
+    they are refused unless `serve.multipart_via_serve` accepts that cost."""
+    if listener_port is not None:
+        return 421, (f"multipart uploads go to the upload listener: POST http://{host}:{listener_port}/v1/jobs "
+                     "(serve.upload_port; this port's proxy would buffer the whole body)")
+    if not s.multipart_via_serve:
+        return 415, ("multipart uploads are off on this service: it has no upload listener "
+                     "(serve.upload_port is null) and Serve's proxy would buffer the whole body before any "
+                     "check; put the media under an allowed prefix (e.g. S3) and submit their URIs")
+    return None
+
+
 def _is_multipart(request: Request) -> bool:
     return request.headers.get("content-type", "").lower().startswith("multipart/form-data")
 
@@ -250,12 +265,12 @@ class DubbingAPI:
               summary="Submit a dubbing job (JSON list of URIs, or one item as multipart uploads)",
               dependencies=[Depends(bearer)])
     async def submit(self, request: Request) -> JobAccepted:
-        if _is_multipart(request) and self.listener is not None:
-            self._authorize(request)
-            host = request.url.hostname or self.cfg.serve.host
-            raise _fail(421, f"multipart uploads go to the upload listener: POST "
-                             f"http://{host}:{self.listener.port}/v1/jobs (serve.upload_port; this port's "
-                             "proxy would buffer the whole body)")
+        if _is_multipart(request):
+            refusal = multipart_refusal(self.cfg.serve, self.listener and self.listener.port,
+                                        request.url.hostname or self.cfg.serve.host)
+            if refusal is not None:
+                self._authorize(request)
+                raise _fail(*refusal)
         return await self._accept(request)
 
     async def _accept(self, request: Request) -> JobAccepted:

@@ -200,5 +200,9 @@ def test_rayservice_overrides_make_a_service_that_starts(monkeypatch):
                 assert application["import_path"] == "dheads.serve.app:app_builder"
                 cfg = compose("serve", list(application["args"]["overrides"]))
                 job_store, upload_dir = app._state(cfg.serve)
+                if cfg.serve.upload_port is None:   # no listener: Serve's port must not buffer uploads
+                    from dheads.serve.ingress import multipart_refusal
+
+                    assert multipart_refusal(cfg.serve, None, "h")[0] == 415, path.name
                 assert job_store.startswith("postgresql://") and upload_dir.startswith("s3://"), (
                     path.name, job_store, upload_dir)

@@ -147,3 +147,20 @@ def test_shared_uris_are_read_only_and_tenants_apart(tmp_path):
         policy.check_output(f"{tmp_path}/voices/o.mp4", "acme")
     with pytest.raises(UriForbidden, match="outside the allowed"):
         policy.check(f"{tmp_path}/t/beta/o.mp4", "acme")
+
+
+def test_multipart_is_refused_on_the_serve_port_without_the_listener():
+    """Serve's proxy queues a whole body before the handler (and the token
+    check) runs: with the upload listener on, multipart goes there (421);
+    with it off, the Serve port refuses it (415) unless explicitly accepted."""
+    from dheads.platform.config import compose
+    from dheads.serve.ingress import multipart_refusal
+
+    s = compose("serve", []).serve
+    status, why = multipart_refusal(s, 8001, "10.0.0.5")
+    assert status == 421 and "http://10.0.0.5:8001/v1/jobs" in why
+    off = compose("serve", ["serve.upload_port=null"]).serve
+    status, why = multipart_refusal(off, None, "h")
+    assert status == 415 and "submit their URIs" in why
+    opted = compose("serve", ["serve.upload_port=null", "serve.multipart_via_serve=true"]).serve
+    assert multipart_refusal(opted, None, "h") is None
