@@ -197,6 +197,8 @@ class ServeConfig:
     job_store: str = "runs/jobstore"
     upload_dir: Optional[str] = None     # uploaded inputs; default <job_store>/uploads (local)
     max_items_per_job: int = 64
+    # queued + running items one tenant may have at once (429 past it); 0: no limit
+    max_open_items_per_tenant: int = 10000
     max_body_kb: float = 1024.0          # JSON job body; counted while it streams in
     max_audio_s: float = 120.0
     max_upload_mb: float = 50.0          # both files of a multipart job, counted while streaming

@@ -60,7 +60,7 @@ from dheads.platform.dubbing.items import (DubItem, DubResult, ItemError, ItemSt
                                            identity_frame_problem)
 from dheads.platform.media import AUDIO_EXTS, IMAGE_EXTS, VIDEO_EXTS
 from dheads.serve import limits
-from dheads.serve.jobstore import ItemRecord, JobRecord, JobStore
+from dheads.serve.jobstore import ItemRecord, JobRecord, JobStore, QuotaExceeded
 from dheads.serve.listener import UploadListener
 from dheads.serve.metrics import CONTENT_TYPE, ServeMetrics
 from dheads.serve.runner import JobRunner
@@ -287,7 +287,12 @@ class DubbingAPI:
             job = await self._from_upload(request, tenant, upload_limit)
         else:
             job = await self._from_json(request, tenant)
-        await self.runner.submit(job)
+        try:
+            await self.runner.submit(job)
+        except QuotaExceeded as e:
+            if job.uploads:
+                await asyncio.to_thread(storage.delete, job.uploads, self.cfg.storage)
+            raise _fail(429, str(e)) from e
         return JobAccepted(job_id=job.job_id, status=job.status.value, items=len(job.items))
 
     @api.get("/v1/jobs/{job_id}", response_model=JobView, summary="Job status and per-item progress",

@@ -55,6 +55,10 @@ JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 SQLITE_FILE = "jobs.sqlite3"
 
 
+class QuotaExceeded(ValueError):
+    """A tenant's job would put it over its open-item quota."""
+
+
 class JobStoreError(RuntimeError):
     """A job store that cannot be opened (bad URL, unreachable server)."""
 
@@ -274,9 +278,19 @@ class JobStore:
         self.db.close()
 
     # ------------------------------------------------------------ jobs
-    def create(self, job: JobRecord) -> None:
+    def create(self, job: JobRecord, max_open_items: int = 0) -> None:
+        """Store a new job. `max_open_items` > 0: QuotaExceeded when the
+        tenant's queued and running items, this job's included, would pass it
+        (counted in the same transaction)."""
         with self.db.tx() as c:
             now = c.now()
+            if max_open_items > 0:
+                [(n_open,)] = c.rows(f"SELECT COUNT(*) FROM dheads_items i JOIN dheads_jobs j ON j.job_id = i.job_id "
+                                     f"WHERE j.tenant = ? AND i.status IN {_OPEN_ITEM_SQL}", (job.tenant,))
+                if int(n_open) + len(job.items) > max_open_items:
+                    raise QuotaExceeded(
+                        f"tenant {job.tenant} has {int(n_open)} items queued or running; this job's "
+                        f"{len(job.items)} would pass the limit of {max_open_items} (serve.max_open_items_per_tenant)")
             job.created_at = job.updated_at = now
             c.run("INSERT INTO dheads_jobs (job_id, tenant, status, created_at, updated_at, seed, "
                   "overwrite, uploads) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -342,12 +356,7 @@ class JobStore:
             return out
         with self.db.tx() as c:
             now = c.now(now)
-            rows = c.rows(
-                f"SELECT i.job_id, i.idx, i.spec, i.attempts, i.reason, i.wrote, j.seed, j.overwrite, i.status "
-                f"FROM dheads_items i JOIN dheads_jobs j ON j.job_id = i.job_id "
-                f"WHERE i.status IN {_OPEN_ITEM_SQL} AND j.status NOT IN {_FINAL_JOB_SQL} "
-                f"AND (i.lease_until IS NULL OR i.lease_until < ?) "
-                f"ORDER BY j.created_at, i.idx LIMIT ?", (now, int(limit) * 2 + 8))
+            rows = self._fair_candidates(c, now, int(limit) * 2 + 8)
             for job_id, idx, spec, attempts, reason, wrote, seed, overwrite, status in rows:
                 if len(out) >= limit:
                     break
@@ -378,6 +387,34 @@ class JobStore:
                     item.status, item.attempts, item.lease_owner = ItemStatus.running, attempts + 1, owner
                     out.append(Claim(job_id, idx, item, seed, overwrite, attempts + 1, bool(wrote)))
                     self._settle(c, job_id, now)
+        return out
+
+    def _fair_candidates(self, c: _Cursor, now: float, n: int) -> list[tuple]:
+        """Up to `n` runnable items, shared fairly among tenants: each next
+        pick goes to the tenant with the fewest items running (live leases)
+        plus picked so far, ties to the oldest job; within a tenant, oldest
+        job first. One tenant's thousand-item job cannot starve another's."""
+        runnable = (f"i.status IN {_OPEN_ITEM_SQL} AND j.status NOT IN {_FINAL_JOB_SQL} "
+                    f"AND (i.lease_until IS NULL OR i.lease_until < ?)")
+        tenants = c.rows(f"SELECT j.tenant, MIN(j.created_at) FROM dheads_items i JOIN dheads_jobs j "
+                         f"ON j.job_id = i.job_id WHERE {runnable} GROUP BY j.tenant", (now,))
+        if not tenants:
+            return []
+        load = {t: 0 for t, _ in tenants}
+        for t, k in c.rows("SELECT j.tenant, COUNT(*) FROM dheads_items i JOIN dheads_jobs j ON j.job_id = i.job_id "
+                           "WHERE i.status = 'running' AND i.lease_until >= ? GROUP BY j.tenant", (now,)):
+            if t in load:
+                load[t] = int(k)
+        oldest = {t: float(first) for t, first in tenants}
+        queues = {t: c.rows(f"SELECT i.job_id, i.idx, i.spec, i.attempts, i.reason, i.wrote, j.seed, j.overwrite, "
+                            f"i.status FROM dheads_items i JOIN dheads_jobs j ON j.job_id = i.job_id "
+                            f"WHERE {runnable} AND j.tenant = ? ORDER BY j.created_at, i.idx LIMIT ?",
+                            (now, t, n))[::-1] for t in load}
+        out: list[tuple] = []
+        while len(out) < n and any(queues.values()):
+            t = min((t for t in queues if queues[t]), key=lambda t: (load[t], oldest[t]))
+            out.append(queues[t].pop())
+            load[t] += 1
         return out
 
     def renew(self, owner: str, live: set[tuple[str, int]],

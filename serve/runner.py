@@ -116,7 +116,7 @@ class JobRunner:
             task.cancel()
 
     async def submit(self, job: JobRecord) -> None:
-        await asyncio.to_thread(self.store.create, job)
+        await asyncio.to_thread(self.store.create, job, self.cfg.serve.max_open_items_per_tenant)
         self.metrics.jobs_submitted.inc()
         self._wake.set()
 

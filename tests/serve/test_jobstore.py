@@ -268,3 +268,37 @@ def test_a_corrupt_record_fails_alone_and_blocks_nothing(stores):
     c2 = JobStore(a.uri, lease_s=10)
     assert [c.job_id for c in c2.claim("c", 10)] == [third.job_id]
     c2.close()
+
+
+def test_claims_share_the_runners_fairly_among_tenants(stores):
+    """A tenant's big job submitted first does not starve the next tenant:
+    each claim goes to the tenant with the fewest items running."""
+    a, b = stores
+    big, small = _job(20, tenant="big"), _job(3, tenant="small")
+    a.create(big)
+    a.create(small)
+    t = 4_000_000_000.0
+    first = a.claim("a", 4, now=t)
+    assert sorted(c.job_id == small.job_id for c in first) == [False, False, True, True]
+    # small has 2 running, big 2: the next two claims alternate again
+    nxt = b.claim("b", 2, now=t + 1)
+    assert {c.job_id for c in nxt} == {big.job_id, small.job_id}
+    # small is out of queued items: the rest go to big, oldest first
+    rest = b.claim("b", 5, now=t + 2)
+    assert [c.job_id for c in rest] == [big.job_id] * 5 and [c.index for c in rest] == [3, 4, 5, 6, 7]
+
+
+def test_a_tenant_over_its_open_item_quota_is_refused(stores):
+    from dheads.serve.jobstore import QuotaExceeded
+
+    a, b = stores
+    a.create(_job(3, tenant="acme"), max_open_items=5)
+    with pytest.raises(QuotaExceeded, match="3 items queued or running; this job's 3 would pass the limit of 5"):
+        b.create(_job(3, tenant="acme"), max_open_items=5)
+    b.create(_job(3, tenant="other"), max_open_items=5)          # another tenant's own count
+    job = _job(2, tenant="acme")
+    b.create(job, max_open_items=5)                              # 5 open: at the limit, accepted
+    for c in a.claim("a", 10):
+        if c.job_id == job.job_id:
+            a.finish("a", c.job_id, c.index, ItemStatus.succeeded)
+    a.create(_job(2, tenant="acme"), max_open_items=5)           # finished items free the quota
