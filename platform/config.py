@@ -117,7 +117,6 @@ class TrainerConfig:
     log_every: int = 1
     sample_every: int = 0                # 0: no val videos during training
     sample_clips: int = 2
-    sample_steps: str = "trailing5"       # sampler of the training-time sample videos
     storage_path: str = "runs"           # local path or s3:// URI
     name: str = "dheads-train"
     seed: int = 0

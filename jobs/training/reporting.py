@@ -60,7 +60,7 @@ class RankZeroReporter:
             self._val = load_val_clips(self.job.val, tc.sample_clips, tc.sample_frames,
                                        self.job.model, self.job.storage)
         step = int(self.logbook.rows[-1]["step"]) if self.logbook.rows else 0
-        uris = write_samples(self._plain_model(full_state), self.job.diffusion, tc.sample_steps,
+        uris = write_samples(self._plain_model(full_state), self.job.diffusion, self.job.sampler,
                              self._val, self.run_uri, step, self.job.storage, seed=tc.seed)
         log.info("sample videos: %s", uris)
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dheads.model.config import DiffusionConfig, ModelConfig, SamplerConfig, SamplerKind
+from dheads.model.config import DiffusionConfig, ModelConfig, SamplerConfig
 from dheads.model.images import to_uint8, to_unit
 from dheads.platform import media, storage
 from dheads.platform.config import StorageConfig
@@ -49,7 +49,7 @@ def load_val_clips(val_uri: str, n: int, n_frames: int, model_cfg: ModelConfig,
 
 
 @torch.no_grad()
-def write_samples(model: torch.nn.Module, diffusion_cfg: DiffusionConfig, sampler_steps: str,
+def write_samples(model: torch.nn.Module, diffusion_cfg: DiffusionConfig, sampler_cfg: SamplerConfig,
                   clips: list[ValClip], run_uri: str, step: int, storage_cfg: StorageConfig,
                   seed: int = 0) -> list[str]:
     """Generate every clip from its first frame and audio; returns the mp4 URIs."""
@@ -58,7 +58,7 @@ def write_samples(model: torch.nn.Module, diffusion_cfg: DiffusionConfig, sample
     from dheads.model.video import generate
 
     diffusion = GaussianDiffusion(diffusion_cfg)
-    sampler = make_sampler(diffusion, SamplerConfig(kind=SamplerKind.ddim, steps=sampler_steps, eta=0.0))
+    sampler = make_sampler(diffusion, sampler_cfg)
     device = next(model.parameters()).device
     out = []
     for clip in clips:

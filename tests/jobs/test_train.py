@@ -71,7 +71,7 @@ def run_a(tiny_shards, val_dir, tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("runs")
     job = train_job(tiny_shards, str(root), "a", f"val={val_dir}", "trainer.sample_every=4",
-                    "trainer.sample_clips=1", "trainer.sample_frames=2", "trainer.sample_steps=ddim2")
+                    "trainer.sample_clips=1", "trainer.sample_frames=2", "sampler.steps=ddim2")
     assert train.run(job) == 0
     return root / "a"
 
