@@ -221,6 +221,9 @@ class ServeConfig:
     store_timeout_s: float = 10.0        # PostgreSQL statement timeout; TCP keepalive/user timeout from it
     job_ttl_s: float = 604800.0          # a finished job is deleted this long after (7 days)
     upload_ttl_s: float = 86400.0        # uploaded files are deleted this long after upload
+    # Outputs (the mp4s of succeeded items) deleted this long after their job
+    # finished; the job's results then say so. null: outputs are kept.
+    output_ttl_s: Optional[float] = None
     output_dir: str = "runs/dubbed"      # default output prefix for uploads / items without one
     max_batch_size: int = 16             # @serve.batch admission batch
     batch_wait_timeout_s: float = 0.01     # late segments join the slot pool anyway

@@ -85,10 +85,12 @@ class ItemRecord(DubItem):
     seconds: Optional[float] = None
     attempts: int = 0            # times the item was claimed (a takeover counts)
     lease_owner: Optional[str] = None
+    output_deleted: bool = False # the job's outputs expired (serve.output_ttl_s)
 
     def result(self) -> DubResult:
         return DubResult(item_id=self.item_id, status=self.status,
-                         output=self.output if self.status == ItemStatus.succeeded else None,
+                         output=self.output if self.status == ItemStatus.succeeded and not self.output_deleted
+                         else None,
                          seconds=self.seconds, reason=self.reason)
 
 
@@ -137,7 +139,7 @@ _SCHEMA = [
         job_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, status TEXT NOT NULL,
         created_at DOUBLE PRECISION NOT NULL, updated_at DOUBLE PRECISION NOT NULL,
         finished_at DOUBLE PRECISION, seed BIGINT NOT NULL, overwrite INTEGER NOT NULL,
-        uploads TEXT)""",
+        uploads TEXT, outputs_deleted_at DOUBLE PRECISION)""",
     """CREATE TABLE IF NOT EXISTS dheads_items (
         job_id TEXT NOT NULL, idx INTEGER NOT NULL, spec TEXT NOT NULL, output TEXT NOT NULL,
         status TEXT NOT NULL, reason TEXT, segments_total INTEGER NOT NULL DEFAULT 0,
@@ -148,6 +150,7 @@ _SCHEMA = [
     "CREATE INDEX IF NOT EXISTS dheads_items_output ON dheads_items (output)",
     "CREATE INDEX IF NOT EXISTS dheads_jobs_finished ON dheads_jobs (status, finished_at)",
 ]
+_ADDED_COLUMNS = [("dheads_jobs", "outputs_deleted_at", "DOUBLE PRECISION")]
 _ITEM_COLS = ("idx, spec, status, reason, segments_total, segments_done, seconds, attempts, "
               "lease_owner")
 
@@ -168,6 +171,11 @@ class _Db:
         with self.tx() as cur:
             for ddl in _SCHEMA:
                 cur.run(ddl)
+            for table, column, kind in _ADDED_COLUMNS:     # stores created before the column
+                if self.postgres:
+                    cur.run(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}")
+                elif column not in {r[1] for r in cur.rows(f"PRAGMA table_info({table})")}:
+                    cur.run(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     def _connect(self):
         if self.postgres:
@@ -312,15 +320,21 @@ class JobStore:
             return None
         with self.db.tx() as c:
             rows = c.rows("SELECT tenant, status, created_at, updated_at, finished_at, seed, overwrite, "
-                          "uploads FROM dheads_jobs WHERE job_id = ?", (job_id,))
+                          "uploads, outputs_deleted_at FROM dheads_jobs WHERE job_id = ?", (job_id,))
             if not rows or (tenant is not None and rows[0][0] != tenant):
                 return None
             items = c.rows(f"SELECT {_ITEM_COLS} FROM dheads_items WHERE job_id = ? ORDER BY idx",
                            (job_id,))
-        t, status, created, updated, finished, seed, overwrite, uploads = rows[0]
+        t, status, created, updated, finished, seed, overwrite, uploads, deleted = rows[0]
+        records = [_item(r) for r in items]
+        if deleted is not None:
+            for item in records:
+                if item.status == ItemStatus.succeeded:
+                    item.output_deleted = True
+                    item.reason = "output deleted when it expired (serve.output_ttl_s)"
         return JobRecord(job_id=job_id, tenant=t, status=_job_status(status), created_at=created,
                          updated_at=updated, finished_at=finished, seed=seed, overwrite=bool(overwrite),
-                         uploads=uploads, items=[_item(r) for r in items])
+                         uploads=uploads, items=records)
 
     def cancel(self, job_id: str, tenant: Optional[str] = None) -> Optional[JobRecord]:
         """Cancel a job and every item not yet final; a final job stays as it is."""
@@ -498,16 +512,18 @@ class JobStore:
         return status if changed and status in FINAL_JOB else None
 
     # ------------------------------------------------------------ expiry
-    def expire(self, job_ttl_s: float, upload_ttl_s: float,
-               now: Optional[float] = None) -> tuple[list[str], list[str]]:
-        """Delete the jobs that finished `job_ttl_s` ago or more; returns
+    def expire(self, job_ttl_s: float, upload_ttl_s: float, now: Optional[float] = None,
+               output_ttl_s: Optional[float] = None) -> tuple[list[str], list[str]]:
+        """Delete the jobs that finished `job_ttl_s` ago or more (with
+        `output_ttl_s`, only once their outputs are deleted too); returns
         (their ids, the upload folders to delete: theirs, and those of jobs
         created `upload_ttl_s` ago or more). An item whose upload expired
         before it ran fails then (`upload expired`)."""
+        kept = "" if output_ttl_s is None else "AND outputs_deleted_at IS NOT NULL "
         with self.db.tx() as c:
             now = c.now(now)
             gone = c.rows(f"SELECT job_id, uploads FROM dheads_jobs WHERE status IN {_FINAL_JOB_SQL} "
-                          f"AND finished_at IS NOT NULL AND finished_at <= ?", (now - job_ttl_s,))
+                          f"AND finished_at IS NOT NULL AND finished_at <= ? {kept}", (now - job_ttl_s,))
             for job_id, _ in gone:
                 c.run("DELETE FROM dheads_items WHERE job_id = ?", (job_id,))
                 c.run("DELETE FROM dheads_jobs WHERE job_id = ?", (job_id,))
@@ -520,6 +536,30 @@ class JobStore:
                       (f"upload expired (uploads are kept {upload_ttl_s:g} s)", job_id))
                 self._settle(c, job_id, now)
         return [j for j, _ in gone], [u for _, u in gone + old if u]
+
+
+    def outputs_to_expire(self, output_ttl_s: float, now: Optional[float] = None) -> dict[str, list[str]]:
+        """The outputs of jobs that finished `output_ttl_s` ago or more and
+        are not deleted yet: `{job_id: [output URIs of its succeeded items]}`
+        (delete them, then `outputs_deleted(job_id)`). An output that a later
+        job, its outputs still kept, wrote again is left to that job."""
+        with self.db.tx() as c:
+            now = c.now(now)
+            jobs = c.rows(f"SELECT job_id, created_at FROM dheads_jobs WHERE status IN {_FINAL_JOB_SQL} "
+                          f"AND finished_at IS NOT NULL AND finished_at <= ? AND outputs_deleted_at IS NULL",
+                          (now - output_ttl_s,))
+            out: dict[str, list[str]] = {}
+            for job_id, created in jobs:
+                out[job_id] = [r[0] for r in c.rows(
+                    "SELECT i.output FROM dheads_items i WHERE i.job_id = ? AND i.status = 'succeeded' "
+                    "AND NOT EXISTS (SELECT 1 FROM dheads_items o JOIN dheads_jobs oj ON oj.job_id = o.job_id "
+                    "WHERE o.output = i.output AND o.job_id <> i.job_id AND oj.created_at > ? "
+                    "AND oj.outputs_deleted_at IS NULL)", (job_id, created))]
+        return out
+
+    def outputs_deleted(self, job_id: str, now: Optional[float] = None) -> None:
+        with self.db.tx() as c:
+            c.run("UPDATE dheads_jobs SET outputs_deleted_at = ? WHERE job_id = ?", (c.now(now), job_id))
 
 
 def _job_status(value: str) -> JobStatus:

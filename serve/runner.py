@@ -190,9 +190,16 @@ class JobRunner:
                 self.attempts[key] = claim.attempt
                 self.tasks[key] = asyncio.create_task(self._run_item(claim))
         now = time.time()
-        if now - self._last_sweep >= min(60.0, s.upload_ttl_s, s.job_ttl_s):
+        if now - self._last_sweep >= min(60.0, s.upload_ttl_s, s.job_ttl_s, s.output_ttl_s or 60.0):
             self._last_sweep = now
-            _, uploads = await asyncio.to_thread(self.store.expire, s.job_ttl_s, s.upload_ttl_s)
+            if s.output_ttl_s is not None:
+                expired = await asyncio.to_thread(self.store.outputs_to_expire, s.output_ttl_s)
+                for job_id, outputs in expired.items():
+                    for uri in outputs:
+                        await asyncio.to_thread(storage.delete, uri, self.cfg.storage)
+                    await asyncio.to_thread(self.store.outputs_deleted, job_id)
+            _, uploads = await asyncio.to_thread(self.store.expire, s.job_ttl_s, s.upload_ttl_s,
+                                                 None, s.output_ttl_s)
             for uri in uploads:
                 await asyncio.to_thread(storage.delete, uri, self.cfg.storage)
 

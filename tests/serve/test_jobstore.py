@@ -302,3 +302,45 @@ def test_a_tenant_over_its_open_item_quota_is_refused(stores):
         if c.job_id == job.job_id:
             a.finish("a", c.job_id, c.index, ItemStatus.succeeded)
     a.create(_job(2, tenant="acme"), max_open_items=5)           # finished items free the quota
+
+
+def test_outputs_expire_after_their_ttl_and_a_later_jobs_rewrite_is_kept(stores):
+    a, b = stores
+    first = _job(2)
+    a.create(first)
+    for c in a.claim("a", 5):
+        a.finish("a", c.job_id, c.index, ItemStatus.succeeded)
+    later = JobRecord(tenant="default", overwrite=True, items=[ItemRecord(
+        item_id="again", identity="/in/x.png", audio="/in/x.wav", output=first.items[1].output)])
+    b.create(later)
+    [c] = b.claim("b", 5)
+    b.finish("b", c.job_id, c.index, ItemStatus.succeeded)
+    t = a.load(later.job_id).finished_at
+    assert a.outputs_to_expire(60.0, now=t + 30) == {}                      # not old enough
+    due = a.outputs_to_expire(60.0, now=t + 61)
+    # first's item 1 was written again by the later job: that one is the later job's to delete
+    assert due == {first.job_id: [first.items[0].output], later.job_id: [first.items[1].output]}
+    a.outputs_deleted(first.job_id)
+    done = b.load(first.job_id)
+    assert [r.output for r in (i.result() for i in done.items)] == [None, None]
+    assert "output deleted" in done.items[0].reason and done.items[0].status == ItemStatus.succeeded
+    # with output expiry on, a job's rows go only once its outputs went
+    gone, _ = a.expire(0.0, 10 ** 9, now=t + 62, output_ttl_s=60.0)
+    assert gone == [first.job_id] and a.load(later.job_id) is not None
+    assert a.outputs_to_expire(60.0, now=t + 63) == {later.job_id: [first.items[1].output]}
+
+
+def test_a_store_from_before_output_expiry_gains_the_column(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old" / "jobs.sqlite3"
+    path.parent.mkdir()
+    with sqlite3.connect(path) as conn:
+        conn.execute("""CREATE TABLE dheads_jobs (job_id TEXT PRIMARY KEY, tenant TEXT NOT NULL,
+            status TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL, updated_at DOUBLE PRECISION NOT NULL,
+            finished_at DOUBLE PRECISION, seed BIGINT NOT NULL, overwrite INTEGER NOT NULL, uploads TEXT)""")
+    s = JobStore(str(path.parent))
+    job = _job(1)
+    s.create(job)
+    assert s.load(job.job_id).items[0].output_deleted is False
+    s.close()
