@@ -198,6 +198,8 @@ class ServeConfig:
     max_items_per_job: int = 64
     # queued + running items one tenant may have at once (429 past it); 0: no limit
     max_open_items_per_tenant: int = 10000
+    # bytes of uploads one tenant's jobs may hold at once (429 past it); 0: no limit
+    max_upload_gb_per_tenant: float = 20.0
     max_body_kb: float = 1024.0          # JSON job body; counted while it streams in
     max_audio_s: float = 120.0
     max_upload_mb: float = 50.0          # both files of a multipart job, counted while streaming

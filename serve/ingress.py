@@ -408,6 +408,7 @@ class DubbingAPI:
             if suffix not in (IMAGE_EXTS + VIDEO_EXTS if name == "identity" else AUDIO_EXTS + VIDEO_EXTS):
                 raise _fail(422, f"{name}: unsupported file type {suffix or '(none)'!r}")
         job.uploads = storage.join(self.upload_dir, job.job_id)
+        job.upload_bytes = sum(up.size for up in parts.files.values())
         local = ItemRecord(item_id=item_id, identity=parts.files["identity"].path,
                            audio=parts.files["audio"].path, output=output,
                            identity_frame=_form_int(fields, "identity_frame"))

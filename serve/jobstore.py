@@ -104,6 +104,7 @@ class JobRecord(BaseModel):
     seed: int = 0
     overwrite: bool = False      # outputs may replace existing files
     uploads: Optional[str] = None  # folder of this job's uploaded inputs
+    upload_bytes: int = 0          # their size (the tenant's upload quota)
     items: list[ItemRecord]
 
     def counts(self) -> dict[str, int]:
@@ -139,7 +140,7 @@ _SCHEMA = [
         job_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, status TEXT NOT NULL,
         created_at DOUBLE PRECISION NOT NULL, updated_at DOUBLE PRECISION NOT NULL,
         finished_at DOUBLE PRECISION, seed BIGINT NOT NULL, overwrite INTEGER NOT NULL,
-        uploads TEXT, outputs_deleted_at DOUBLE PRECISION)""",
+        uploads TEXT, outputs_deleted_at DOUBLE PRECISION, upload_bytes BIGINT NOT NULL DEFAULT 0)""",
     """CREATE TABLE IF NOT EXISTS dheads_items (
         job_id TEXT NOT NULL, idx INTEGER NOT NULL, spec TEXT NOT NULL, output TEXT NOT NULL,
         status TEXT NOT NULL, reason TEXT, segments_total INTEGER NOT NULL DEFAULT 0,
@@ -150,7 +151,8 @@ _SCHEMA = [
     "CREATE INDEX IF NOT EXISTS dheads_items_output ON dheads_items (output)",
     "CREATE INDEX IF NOT EXISTS dheads_jobs_finished ON dheads_jobs (status, finished_at)",
 ]
-_ADDED_COLUMNS = [("dheads_jobs", "outputs_deleted_at", "DOUBLE PRECISION")]
+_ADDED_COLUMNS = [("dheads_jobs", "outputs_deleted_at", "DOUBLE PRECISION"),
+                  ("dheads_jobs", "upload_bytes", "BIGINT NOT NULL DEFAULT 0")]
 _ITEM_COLS = ("idx, spec, status, reason, segments_total, segments_done, seconds, attempts, "
               "lease_owner")
 
@@ -286,12 +288,21 @@ class JobStore:
         self.db.close()
 
     # ------------------------------------------------------------ jobs
-    def create(self, job: JobRecord, max_open_items: int = 0) -> None:
-        """Store a new job. `max_open_items` > 0: QuotaExceeded when the
-        tenant's queued and running items, this job's included, would pass it
-        (counted in the same transaction)."""
+    def create(self, job: JobRecord, max_open_items: int = 0, max_upload_bytes: int = 0) -> None:
+        """Store a new job. QuotaExceeded (counted in the same transaction)
+        when the tenant's queued and running items, this job's included, would
+        pass `max_open_items`, or the bytes of its uploads still held would
+        pass `max_upload_bytes` (each: 0 = no limit)."""
         with self.db.tx() as c:
             now = c.now()
+            if max_upload_bytes > 0 and job.upload_bytes:
+                [(held,)] = c.rows("SELECT COALESCE(SUM(upload_bytes), 0) FROM dheads_jobs "
+                                   "WHERE tenant = ? AND uploads IS NOT NULL", (job.tenant,))
+                if int(held) + job.upload_bytes > max_upload_bytes:
+                    raise QuotaExceeded(
+                        f"tenant {job.tenant} holds {int(held) / 2**20:.1f} MB of uploads; this job's "
+                        f"{job.upload_bytes / 2**20:.1f} MB would pass the limit of {max_upload_bytes / 2**20:.0f} MB "
+                        "(serve.max_upload_gb_per_tenant; uploads are kept serve.upload_ttl_s)")
             if max_open_items > 0:
                 [(n_open,)] = c.rows(f"SELECT COUNT(*) FROM dheads_items i JOIN dheads_jobs j ON j.job_id = i.job_id "
                                      f"WHERE j.tenant = ? AND i.status IN {_OPEN_ITEM_SQL}", (job.tenant,))
@@ -301,9 +312,9 @@ class JobStore:
                         f"{len(job.items)} would pass the limit of {max_open_items} (serve.max_open_items_per_tenant)")
             job.created_at = job.updated_at = now
             c.run("INSERT INTO dheads_jobs (job_id, tenant, status, created_at, updated_at, seed, "
-                  "overwrite, uploads) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                  "overwrite, uploads, upload_bytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                   (job.job_id, job.tenant, JobStatus.queued.value, now, now, job.seed,
-                   int(job.overwrite), job.uploads))
+                   int(job.overwrite), job.uploads, int(job.upload_bytes)))
             for n, item in enumerate(job.items):
                 spec = DubItem.model_validate(item.model_dump()).model_dump_json()
                 # an item refused at submission (a media limit) is stored failed with its reason

@@ -116,7 +116,9 @@ class JobRunner:
             task.cancel()
 
     async def submit(self, job: JobRecord) -> None:
-        await asyncio.to_thread(self.store.create, job, self.cfg.serve.max_open_items_per_tenant)
+        s = self.cfg.serve
+        await asyncio.to_thread(self.store.create, job, s.max_open_items_per_tenant,
+                                int(s.max_upload_gb_per_tenant * 2**30))
         self.metrics.jobs_submitted.inc()
         self._wake.set()
 

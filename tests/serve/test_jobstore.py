@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 
 import pytest
 
@@ -344,3 +345,24 @@ def test_a_store_from_before_output_expiry_gains_the_column(tmp_path):
     s.create(job)
     assert s.load(job.job_id).items[0].output_deleted is False
     s.close()
+
+
+def test_a_tenant_over_its_upload_bytes_quota_is_refused(stores):
+    from dheads.serve.jobstore import QuotaExceeded
+
+    a, b = stores
+    mb = 2 ** 20
+
+    def upload_job(tenant, n_mb):
+        job = _job(1, tenant=tenant, uploads=f"/up/{uuid.uuid4().hex}")
+        job.upload_bytes = n_mb * mb
+        return job
+
+    held = upload_job("acme", 6)
+    a.create(held, max_upload_bytes=10 * mb)
+    with pytest.raises(QuotaExceeded, match="holds 6.0 MB of uploads; this job's 5.0 MB would pass the limit of 10 MB"):
+        b.create(upload_job("acme", 5), max_upload_bytes=10 * mb)
+    b.create(upload_job("other", 5), max_upload_bytes=10 * mb)
+    b.create(upload_job("acme", 4), max_upload_bytes=10 * mb)      # at the limit
+    a.expire(10 ** 9, 0.0)                                           # uploads expired: no longer held
+    b.create(upload_job("acme", 9), max_upload_bytes=10 * mb)
