@@ -56,7 +56,7 @@ SQLITE_FILE = "jobs.sqlite3"
 
 
 class QuotaExceeded(ValueError):
-    """A tenant's job would put it over its open-item quota."""
+    """A tenant's job would put it over a quota (open items, held upload bytes)."""
 
 
 class JobStoreError(RuntimeError):
@@ -449,19 +449,20 @@ class JobStore:
         an error before finishing or releasing it) is given back at once,
         queued with that reason, the attempt counted. Returns the live items
         it still holds: one missing was cancelled or taken over, stop it."""
+        live = set(live)
         with self.db.tx() as c:
             now = c.now(now)
             held = {(r[0], int(r[1])) for r in c.rows(
                 "SELECT job_id, idx FROM dheads_items WHERE lease_owner = ? AND status = 'running'", (owner,))}
-            for job_id, idx in held - set(live):
+            for job_id, idx in held - live:
                 c.run(f"UPDATE dheads_items SET status = 'queued', lease_owner = NULL, lease_until = NULL, "
                       f"reason = ? {self._held(owner)}",
                       ("its ingress task ended without a result (a job-store error); retried",
                        job_id, idx, owner))
-            for job_id, idx in held & set(live):
+            for job_id, idx in held & live:
                 c.run(f"UPDATE dheads_items SET lease_until = ? {self._held(owner)}",
                       (now + self.lease_s, job_id, idx, owner))
-        return held & set(live)
+        return held & live
 
     def _held(self, owner: str) -> str:
         return "WHERE job_id = ? AND idx = ? AND lease_owner = ? AND status = 'running'"
@@ -547,7 +548,6 @@ class JobStore:
                       (f"upload expired (uploads are kept {upload_ttl_s:g} s)", job_id))
                 self._settle(c, job_id, now)
         return [j for j, _ in gone], [u for _, u in gone + old if u]
-
 
     def outputs_to_expire(self, output_ttl_s: float, now: Optional[float] = None) -> dict[str, list[str]]:
         """The outputs of jobs that finished `output_ttl_s` ago or more and

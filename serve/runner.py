@@ -231,9 +231,9 @@ class JobRunner:
         self.settling.add(key)
         try:
             if retry is not None:
-                await self._settle(self.store.release, *key, retry)
+                await self._save_result(self.store.release, *key, retry)
                 return
-            job_status = await self._settle(self.store.finish, *key, status, reason, seconds)
+            job_status = await self._save_result(self.store.finish, *key, status, reason, seconds)
         finally:
             self.settling.discard(key)
             self._forget(key)
@@ -250,7 +250,7 @@ class JobRunner:
             self.tasks.pop(key, None)
             self.attempts.pop(key, None)
 
-    async def _settle(self, save, *args):
+    async def _save_result(self, save, *args):
         """`save(owner, *args)` in the store (finish or release), retried over
         a store error for up to `serve.lease_s`; None when it never got
         through (the next renewal then gives the item back)."""
