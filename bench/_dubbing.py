@@ -14,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from dheads.platform import storage
 from dheads.platform.config import DubConfig, StorageConfig
 from dheads.platform.dubbing.engine import ContinuousBatcher
-from dheads.platform.dubbing.items import DubItem, DubResult, ItemError, ItemStatus, finish_item, prepare_item
-from dheads.platform.media import MediaError
+from dheads.platform.dubbing.items import (
+    DubItem, DubResult, ItemError, ItemStatus, finish_result, prepare_item, retry_transient,
+)
+from dheads.platform.storage import StorageError
 
 
 def dub_items(engine: ContinuousBatcher, items: list[DubItem], cfg: DubConfig,
@@ -29,21 +30,14 @@ def dub_items(engine: ContinuousBatcher, items: list[DubItem], cfg: DubConfig,
     prepared, results = [], {}
     for item in items:
         try:
-            prepared.append(prepare_item(item, cfg, engine.image_size, storage_cfg, seed))
-        except ItemError as e:
+            prepared.append(retry_transient(lambda: prepare_item(item, cfg, engine.image_size, storage_cfg, seed)))
+        except (ItemError, StorageError) as e:
             results[item.item_id] = DubResult(item_id=item.item_id, status=ItemStatus.failed,
                                               output=item.output, reason=str(e))
     frames = engine.run(s for p in prepared for s in p.segments)
     for p in prepared:
-        item = p.item
-        try:
-            seconds = finish_item(item.output, p.segments,
-                                  {s.index: frames[s.key] for s in p.segments}, storage_cfg)
-            results[item.item_id] = DubResult(item_id=item.item_id, status=ItemStatus.succeeded,
-                                              output=item.output, seconds=seconds)
-        except (MediaError, storage.StorageError, ValueError) as e:
-            results[item.item_id] = DubResult(item_id=item.item_id, status=ItemStatus.failed,
-                                              output=item.output, reason=f"output: {e}")
+        results[p.item.item_id] = finish_result(p.item.item_id, p.item.output, p.segments,
+                                                {s.index: frames[s.key] for s in p.segments}, storage_cfg)
     return [results[i.item_id] for i in items]
 
 

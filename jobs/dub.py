@@ -30,10 +30,10 @@ from dheads.platform import storage
 from dheads.platform.config import DubConfig, DubJob, StorageConfig
 from dheads.platform.dubbing.engine import build_engine
 from dheads.platform.dubbing.items import (
-    DubItem, DubResult, ItemError, ItemStatus, check_job_items, finish_item, prepare_item,
+    DubItem, DubResult, ItemError, ItemStatus, check_job_items, finish_result, prepare_item,
+    retry_transient,
 )
 from dheads.platform.dubbing.segments import EMPTY_SEGMENT_ROW, Segment
-from dheads.platform.media import MediaError
 
 SEGMENT, SKIPPED, FAILED = "segment", ItemStatus.skipped.value, ItemStatus.failed.value
 
@@ -76,10 +76,10 @@ def prepare_segments(batch: dict, cfg: DubConfig, output: str, base: str | None,
             rows.append(_item_row(str(raw.get("item_id") or f"row{i}"), "", FAILED, f"manifest: {e}"))
             continue
         try:
-            if not cfg.overwrite and storage.exists(item.output, storage_cfg):
+            if not cfg.overwrite and retry_transient(lambda: storage.exists(item.output, storage_cfg)):
                 rows.append(_item_row(item.item_id, item.output, SKIPPED, "output exists"))
                 continue
-            prepared = prepare_item(item, cfg, image_size, storage_cfg, seed)
+            prepared = retry_transient(lambda: prepare_item(item, cfg, image_size, storage_cfg, seed))
             rows.extend(_item_row(item.item_id, item.output, SEGMENT, segment=s)
                         for s in prepared.segments)
         except (ItemError, storage.StorageError) as e:
@@ -116,13 +116,7 @@ def stitch_item(group: dict, storage_cfg: StorageConfig) -> dict:
         segments = [Segment.from_row(r) for r in rows]
         frames = {s.index: np.frombuffer(r["frames"], np.uint8).reshape(-1, *s.identity.shape)
                   for s, r in zip(segments, rows)}
-        try:
-            seconds = finish_item(output, segments, frames, storage_cfg)
-            result = DubResult(item_id=item_id, output=output, status=ItemStatus.succeeded,
-                               seconds=seconds)
-        except (MediaError, storage.StorageError, ValueError) as e:
-            result = DubResult(item_id=item_id, output=output, status=ItemStatus.failed,
-                               reason=f"output: {e}")
+        result = finish_result(item_id, output, segments, frames, storage_cfg)
     return {k: [v] for k, v in result.to_row().items()}
 
 

@@ -7,6 +7,7 @@ at any S3-compatible endpoint (moto_server in tests, MinIO, R2, ...).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import posixpath
 import shutil
@@ -22,16 +23,31 @@ from dheads.platform.config import StorageConfig
 
 
 class StorageError(IOError):
-    """A URI that cannot be read or written; the message says which and why."""
+    """A URI that cannot be read or written; the message says which and why.
+    `transient`: the store could not be reached or asked to slow down (worth
+    another attempt later), as opposed to a missing object or bucket, a
+    denied access or a full disk, which another attempt would not change."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
+
+
+# pyarrow's S3 error names (and curl's) for the store being away or overloaded
+_TRANSIENT_S3 = ("NETWORK_CONNECTION", "curlCode", "SLOW_DOWN", "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE",
+                 "THROTTLING", "REQUEST_TIMEOUT", "HTTP status 500", "HTTP status 502", "HTTP status 503",
+                 "HTTP status 504")
+_TRANSIENT_ERRNO = {errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT}
 
 
 def _failure(verb: str, uri: str, e: OSError, storage: StorageConfig | None) -> StorageError:
     """A StorageError for `verb uri`, with a hint when the endpoint is unreachable."""
     text = " ".join(str(e).split())
+    transient = e.errno in _TRANSIENT_ERRNO or (is_s3(uri) and any(p in text for p in _TRANSIENT_S3))
     if is_s3(uri) and ("NETWORK_CONNECTION" in text or "curlCode" in text):
         endpoint = (storage.endpoint_url if storage else None) or "AWS's default endpoint"
         text += f" (is {endpoint} reachable? set storage.endpoint_url)"
-    return StorageError(display_name(f"cannot {verb} {uri}: {text}"))
+    return StorageError(display_name(f"cannot {verb} {uri}: {text}"), transient=transient)
 
 
 def is_s3(uri: str) -> bool:

@@ -10,6 +10,10 @@ ingresses may share one store; one that dies leaves leases that expire, and
 the others take its items over. The media tasks declare their CPUs
 (`MEDIA_TASK`) and are not retried by Ray: a worker crash comes back here,
 counts as an attempt, and the item fails after `serve.max_attempts`.
+Failure policy (`platform/dubbing/items.py`, the same as `dheads dub`'s): an
+`ItemError` (bad media, an output that cannot be written where asked) fails
+the item at once with its reason; a lost worker or replica, a store error or
+a transient storage error gives it back for another attempt.
 
 Outputs are written once: an item whose output exists is recorded as done
 only when an earlier attempt of this job reached the write (the store's
@@ -225,7 +229,7 @@ class JobRunner:
         except asyncio.CancelledError:
             self._forget(key)                       # cancelled or moved: the store already says so
             return
-        except Exception as e:  # a lost worker or replica, a store error: worth another attempt
+        except Exception as e:  # a lost worker or replica, a store or transient storage error: retried
             log.warning("item %s of job %s, attempt %d: %s", rec.item_id, claim.job_id, claim.attempt, e)
             retry = f"{type(e).__name__}: {e}"
         self.settling.add(key)

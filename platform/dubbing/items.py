@@ -6,16 +6,25 @@ URI of the mp4 to write. `prepare_item` decodes both inputs once and cuts the
 audio into segments; `finish_item` stitches the generated segments, muxes the
 item's own audio back (rebuilt from the segments) and writes the mp4
 atomically.
+
+The failure policy, the same in `dheads dub`, Serve and the benchmarks: an
+item that cannot be dubbed as asked (bad media, a missing object, a bucket
+that does not exist, a denied write) raises `ItemError` and fails at once
+with that reason; only a transient storage error (`StorageError.transient`:
+the store unreachable or throttling) is tried again, `TRANSIENT_TRIES` times
+in all: in place by `retry_transient` (dub, benchmarks), as further
+attempts of the claimed item in Serve (`serve.max_attempts`).
 """
 from __future__ import annotations
 
 import math
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError
@@ -23,13 +32,42 @@ from pydantic import BaseModel, Field, ValidationError
 from dheads.platform import storage
 from dheads.platform.config import DubConfig, FaceDetector, StorageConfig
 from dheads.platform.dubbing.segments import (
-    FPS, SAMPLE_RATE, Segment, assemble, n_video_frames, segment_item,
+    FPS, SAMPLE_RATE, Segment, assemble, item_seed, n_video_frames, segment_item,
 )
 from dheads.platform.media import IMAGE_EXTS, MediaError, read_audio, read_frame, read_image, write_video
 
 
 class ItemError(ValueError):
     """An item that cannot be dubbed; the message is the reason shown to users."""
+
+
+TRANSIENT_TRIES = 3          # calls in all, for an item step that meets a transient storage error
+T = TypeVar("T")
+
+
+def _user_error(where: str, e: Exception) -> Exception:
+    """`e` as the item's reason (ItemError), unless it is a transient
+    storage error: that one goes up as itself, to be tried again."""
+    if isinstance(e, storage.StorageError) and e.transient:
+        return e
+    return ItemError(f"{where}: {e}")
+
+
+def retry_transient(step: Callable[[], T], tries: int = TRANSIENT_TRIES, delay_s: float = 1.0) -> T:
+    """`step()`, called again (after `delay_s`, doubling) while it raises a
+    transient StorageError, `tries` calls at most; then that error, its
+    message saying how many tries it had."""
+    for attempt in range(1, tries + 1):
+        try:
+            return step()
+        except storage.StorageError as e:
+            if not e.transient:
+                raise
+            if attempt == tries:
+                raise storage.StorageError(f"{e} (transient; gave up after {tries} tries)",
+                                           transient=True) from e
+        time.sleep(delay_s * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")
 
 
 class ItemStatus(str, Enum):
@@ -175,13 +213,15 @@ class PreparedItem:
 
 def prepare_item(item: DubItem, cfg: DubConfig, image_size: int,
                  storage_cfg: StorageConfig | None = None, seed: int = 0) -> PreparedItem:
-    """Decode identity and audio (once), check limits, and segment. Raises
-    ItemError (with the media stage in the message) for anything a user must fix."""
+    """Decode identity and audio (once), check limits, and segment (seeded
+    `item_seed(seed, item_id)`: the job's `seed` and the item's id). Raises
+    ItemError (with the media stage in the message) for anything a user must
+    fix, a transient StorageError for the store being away."""
     try:
         # decoding stops a little past the limit; the exact check follows
         audio = load_audio(item.audio, storage_cfg, max_seconds=cfg.max_audio_s + 1.0, max_mb=cfg.max_media_mb)
     except (MediaError, storage.StorageError) as e:
-        raise ItemError(f"audio {item.audio}: {e}") from e
+        raise _user_error(f"audio {item.audio}", e) from e
     seconds = len(audio) / SAMPLE_RATE
     if seconds > cfg.max_audio_s:
         raise ItemError(f"audio is {seconds:.1f} s, over the limit of {cfg.max_audio_s:g} s")
@@ -190,8 +230,8 @@ def prepare_item(item: DubItem, cfg: DubConfig, image_size: int,
     try:
         identity = load_identity(item.identity, image_size, cfg, item.identity_frame, storage_cfg)
     except (MediaError, storage.StorageError, ValueError) as e:
-        raise ItemError(f"identity {item.identity}: {e}") from e
-    segments = segment_item(item.item_id, identity, audio, cfg, seed)
+        raise _user_error(f"identity {item.identity}", e) from e
+    segments = segment_item(item.item_id, identity, audio, cfg, item_seed(seed, item.item_id))
     return PreparedItem(item, n_video_frames(len(audio)), segments)
 
 
@@ -210,11 +250,27 @@ def write_output(uri: str, frames: np.ndarray, audio: np.ndarray,
 def finish_item(output: str, segments: list[Segment], frames: dict[int, np.ndarray],
                 storage_cfg: StorageConfig | None = None) -> float:
     """Stitch an item's generated segments (`frames` by segment index) and
-    write its mp4 with the item's audio. Returns the video's seconds."""
-    video, audio = assemble(segments, frames)
-    return write_output(output, video, audio, storage_cfg)
+    write its mp4 with the item's audio. Returns the video's seconds. A bad
+    output (it cannot be encoded, or written where asked) raises ItemError
+    ("output: ..."); a transient storage error goes up as itself."""
+    try:
+        video, audio = assemble(segments, frames)
+        return write_output(output, video, audio, storage_cfg)
+    except (MediaError, storage.StorageError, ValueError) as e:
+        raise _user_error("output", e) from e
+
+
+def finish_result(item_id: str, output: str, segments: list[Segment], frames: dict[int, np.ndarray],
+                  storage_cfg: StorageConfig | None = None, delay_s: float = 1.0) -> DubResult:
+    """`finish_item` under the failure policy (a transient error tried again
+    in place), as the item's result: succeeded, or failed with the reason."""
+    try:
+        seconds = retry_transient(lambda: finish_item(output, segments, frames, storage_cfg), delay_s=delay_s)
+    except (ItemError, storage.StorageError) as e:
+        return DubResult(item_id=item_id, status=ItemStatus.failed, output=output, reason=str(e))
+    return DubResult(item_id=item_id, status=ItemStatus.succeeded, output=output, seconds=seconds)
 
 
 __all__ = ["ItemError", "ItemStatus", "FINAL_STATUSES", "DubItem", "DubResult", "PreparedItem",
-           "check_job_items", "identity_frame_problem",
-           "load_identity", "load_audio", "prepare_item", "write_output", "finish_item"]
+           "TRANSIENT_TRIES", "retry_transient", "check_job_items", "identity_frame_problem",
+           "load_identity", "load_audio", "prepare_item", "write_output", "finish_item", "finish_result"]

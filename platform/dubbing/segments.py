@@ -19,6 +19,7 @@ Timing (docs/architecture.md): 16 kHz mono, 25 fps, frame i covers samples
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +36,14 @@ SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640
 # those of the whole clip. Holds for m_y <= PAD_FRAMES - 2.
 PAD_FRAMES = 8
 PAD_SAMPLES = PAD_FRAMES * SAMPLES_PER_FRAME
+
+
+def item_seed(seed: int, item_id: str) -> int:
+    """The seed of item `item_id` in a job dubbed with `seed` (32 bits): the
+    same item and job seed give the same video, and two items of one job
+    draw their own noise and their own head motion and blinks."""
+    digest = hashlib.blake2b(f"{int(seed)}:{item_id}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big")
 
 
 def segment_seed(seed: int, index: int) -> int:
@@ -221,5 +230,5 @@ def assemble(segments: list[Segment], frames: dict[int, np.ndarray]) -> tuple[np
 
 __all__ = ["SAMPLE_RATE", "FPS", "SAMPLES_PER_FRAME", "PAD_FRAMES", "Segment", "EMPTY_SEGMENT_ROW",
            "lead_in", "segment_bounds",
-           "segment_seed", "n_video_frames", "frame_energy", "plan_segments", "segment_item", "item_audio",
+           "item_seed", "segment_seed", "n_video_frames", "frame_energy", "plan_segments", "segment_item", "item_audio",
            "stitch", "assemble"]

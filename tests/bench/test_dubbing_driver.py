@@ -29,10 +29,14 @@ def test_dub_items_writes_mp4_with_original_audio_and_reports_errors(driver, dub
     items = [DubItem(item_id="ok", identity=str(tmp_path / "id.png"), audio=str(tmp_path / "a.flac"),
                      output=str(tmp_path / "o/ok.mp4")),
              DubItem(item_id="bad", identity=str(tmp_path / "id.png"), audio=str(tmp_path / "bad.wav"),
-                     output=str(tmp_path / "o/bad.mp4"))]
+                     output=str(tmp_path / "o/bad.mp4")),
+             DubItem(item_id="unwritable", identity=str(tmp_path / "id.png"), audio=str(tmp_path / "a.flac"),
+                     output=str(tmp_path / "blocker/x.mp4"))]
+    (tmp_path / "blocker").write_text("a file where the output's folder should be")
     results = driver.dub_items(engine, items, cfg)
-    assert [r.status for r in results] == [ItemStatus.succeeded, ItemStatus.failed]
+    assert [r.status for r in results] == [ItemStatus.succeeded, ItemStatus.failed, ItemStatus.failed]
     assert "audio" in results[1].reason and not (tmp_path / "o/bad.mp4").exists()
+    assert results[2].reason.startswith("output: cannot write") and "gave up" not in results[2].reason
     info = probe(tmp_path / "o/ok.mp4")
     assert info["video"]["codec"] == "h264" and info["audio"]["codec"] == "aac"
     assert abs(info["video"]["frames"] - 2.5 * FPS) <= 1

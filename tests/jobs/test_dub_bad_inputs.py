@@ -47,6 +47,10 @@ def test_every_kind_is_an_mp4_or_a_reason_and_the_job_completes(ray_session, kin
     rows.append({"item_id": "frame_over_the_limit", "identity": str(good["gray_video"][0]),
                  "audio": str(good["gray_video"][1]), "identity_frame": 10_000})
     rows.append({"item_id": "no_audio_field", "identity": str(good["gray_image"][0])})
+    # a bad output fails its item with the reason (the failure policy: at once, no retries)
+    (tmp_path / "blocker").write_text("a file where the output's folder should be")
+    rows.append({"item_id": "unwritable_output", "identity": str(good["gray_image"][0]),
+                 "audio": str(good["gray_image"][1]), "output": str(tmp_path / "blocker" / "o.mp4")})
     out = tmp_path / "out"
     assert main(_args(_write(tmp_path / "m.jsonl", rows), out, ckpt)) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -64,7 +68,10 @@ def test_every_kind_is_an_mp4_or_a_reason_and_the_job_completes(ray_session, kin
     assert "over the limit of 1500" in results["frame_over_the_limit"]["reason"], results["frame_over_the_limit"]
     assert results["no_audio_field"]["status"] == "failed"
     assert "missing field" in results["no_audio_field"]["reason"]
-    assert (summary["succeeded"], summary["failed"]) == (len(good) + 1, len(bad) + 2)
+    unwritable = results["unwritable_output"]
+    assert unwritable["status"] == "failed" and unwritable["reason"].startswith("output: cannot write"), unwritable
+    assert "gave up" not in unwritable["reason"]
+    assert (summary["succeeded"], summary["failed"]) == (len(good) + 1, len(bad) + 3)
 
 
 def test_a_manifest_that_would_merge_or_clobber_is_refused(ray_session, kinds, tmp_path, capsys):

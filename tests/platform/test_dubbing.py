@@ -175,6 +175,32 @@ def test_an_item_is_decoded_once_and_written_with_its_own_audio(tmp_path, speech
     assert np.corrcoef(out, ref)[0, 1] > 0.9
 
 
+def test_items_of_one_job_draw_their_own_seeds_and_motion(tmp_path, speech, face_image, dub_inputs):
+    """Two items of a job with the same inputs get their own noise and their own
+    head motion and blinks; the same item and job seed get the same ones again."""
+    from PIL import Image
+
+    from dheads.model import motionprior
+    from dheads.model.config import MotionPrior
+
+    Image.fromarray(face_image(2)).save(tmp_path / "id.png")
+    dub_inputs.write_audio(tmp_path / "a.wav", speech(2.0, seed=6))
+
+    def seeds(item_id: str, job_seed: int) -> list[int]:
+        item = DubItem(item_id=item_id, identity=str(tmp_path / "id.png"), audio=str(tmp_path / "a.wav"),
+                       output=str(tmp_path / f"{item_id}.mp4"))
+        return [seg.seed for seg in prepare_item(item, DubConfig(max_segment_s=1.0, min_segment_s=0.3), 16,
+                                                 seed=job_seed).segments]
+
+    a, b = seeds("a", 0), seeds("b", 0)
+    assert len(a) >= 2 and not set(a) & set(b)
+    assert seeds("a", 0) == a and seeds("a", 1) != a
+    prior = MotionPrior(fitted=True, sigma=[0.2, 0.1, 0.1], v_std=[0.2, 0.1, 0.1], blink_rate=0.05,
+                        blink_shape=[0.6, 0.5, 0.8, 1.0])
+    tracks = [motionprior.sample(prior, 100, s[0])[0] for s in (a, b)]   # motion_seed: segment 0's seed
+    assert not np.allclose(tracks[0], tracks[1])
+
+
 def test_inputs_over_the_size_limits_fail_the_item_before_they_are_read(tmp_path, speech, face_image, dub_inputs):
     from PIL import Image
 
