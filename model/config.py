@@ -88,7 +88,7 @@ class MotionPrior:
     sigma: List[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     mu_std: List[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     v_std: List[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
-    blink_rate: float = 0.0          # blink starts per open frame
+    blink_rate: float = 0.0          # blink starts per frame where one may start (open, blink_gap after the last)
     blink_gap: int = 10              # frames from one blink start to the next, at least
     blink_shape: List[float] = field(default_factory=list)
     clips: int = 0                   # training clips it was fitted on

@@ -54,16 +54,26 @@ def fit(poses: list[np.ndarray], eyes: list[np.ndarray], blinks: list[np.ndarray
     (relative to each clip's frame 0), `eyes [T]` (openness, 1 = open) and
     `blinks [T]` bool (the frames a blink detector flags)."""
     axes = [_axis_fit([np.asarray(p, np.float64)[:, a] for p in poses]) for a in range(3)]
-    starts, open_frames, shapes, gaps = 0, 0, [], []
+    starts, shapes, gaps, firsts = 0, [], [], []
     for e, b in zip(eyes, blinks):
         e, b = np.asarray(e, np.float64), np.asarray(b, bool)
         first = np.flatnonzero(b & ~np.concatenate([[False], b[:-1]]))
+        firsts.append((b, first))
         starts += len(first)
-        open_frames += int((~b).sum())
         gaps += list(np.diff(first))
         for s in first:
             if s + BLINK_SHAPE_FRAMES <= len(e):
                 shapes.append(e[s:s + BLINK_SHAPE_FRAMES])
+    gap = int(np.percentile(gaps, 5)) if len(gaps) >= 5 else 10
+    # the frames where `sample` may start a blink: open, and `gap` frames or
+    # more after the last start (counting all open frames would spread the
+    # starts over frames the refractory gap rules out: too few blinks drawn)
+    eligible = 0
+    for b, first in firsts:
+        since = np.full(len(b), gap)
+        for s in first:
+            since[s:s + gap] = np.minimum(since[s:s + gap], np.arange(min(gap, len(b) - s)))
+        eligible += int(((~b) & (since >= gap)).sum())
     shape = np.mean(shapes, axis=0) if shapes else np.zeros(0)
     if len(shape):  # the curve returns to open at its end
         shape = np.minimum(shape / max(np.median(np.concatenate(eyes)), 1e-9), OPEN)
@@ -71,8 +81,8 @@ def fit(poses: list[np.ndarray], eyes: list[np.ndarray], blinks: list[np.ndarray
         fitted=True,
         phi=[a[0] for a in axes], kappa=[a[1] for a in axes], sigma=[a[2] for a in axes],
         mu_std=[a[3] for a in axes], v_std=[a[4] for a in axes],
-        blink_rate=starts / max(open_frames, 1),
-        blink_gap=int(np.percentile(gaps, 5)) if len(gaps) >= 5 else 10,
+        blink_rate=starts / max(eligible + starts, 1),
+        blink_gap=gap,
         blink_shape=[float(x) for x in shape],
         clips=len(poses), frames=int(sum(len(p) for p in poses)))
 

@@ -31,8 +31,10 @@ def fit_from_shards(shards_uri: str, model_cfg: ModelConfig, storage_cfg: Storag
         for pose, eye in zip(table.column("head_pose").to_pylist(), table.column("eye_open").to_pylist()):
             poses.append(np.asarray(pose, np.float64).reshape(-1, 3))
             eyes.append(np.asarray(eye, np.float64))
-    prior = motionprior.fit(poses, eyes, [facemotion.detect_blinks(e) for e in eyes])
+    flags = [facemotion.detect_blinks(e) for e in eyes]
+    prior = motionprior.fit(poses, eyes, flags)
+    starts = sum(int((f[1:] & ~f[:-1]).sum() + f[:1].sum()) for f in flags)
     print(f"[train] motion prior fitted on {prior.clips} clips ({prior.frames} frames): "
-          f"blink rate {prior.blink_rate * 25:.2f}/s, pose step σ "
+          f"{starts / max(prior.frames, 1) * 25:.2f} blinks/s in them, pose step σ "
           f"{', '.join(f'{s:.3f}' for s in prior.sigma)} (angle°, tx, ty px)", flush=True)
     return dataclasses.replace(model_cfg, motion=dataclasses.replace(model_cfg.motion, prior=prior))

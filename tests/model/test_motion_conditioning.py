@@ -53,7 +53,11 @@ def test_prior_fitted_on_its_own_samples_reproduces_their_motion_and_blinks():
     again = [motionprior.sample(fitted, len(p), 10_000 + i)[0] for i, p in enumerate(poses)]
     std = lambda ps: np.mean([p.std(0) for p in ps], axis=0)  # noqa: E731
     assert np.allclose(std(again), std(poses), rtol=0.2), (std(again), std(poses))
-    assert fitted.blink_rate == pytest.approx(PRIOR.blink_rate, rel=0.25)
+    assert fitted.blink_rate == pytest.approx(PRIOR.blink_rate, rel=0.15)
+    # and it draws as many blinks per second as the tracks it was fitted on had
+    rate = lambda es: sum(int(((e[1:] < 1) & (e[:-1] >= 1)).sum()) for e in es) / sum(map(len, es))  # noqa: E731
+    redrawn = [motionprior.sample(fitted, len(e), 20_000 + i)[1] for i, e in enumerate(eyes)]
+    assert rate(redrawn) == pytest.approx(rate(eyes), rel=0.15)
     assert min(fitted.blink_shape) < 0.6 and fitted.blink_shape[-1] > 0.9
 
 
