@@ -53,11 +53,20 @@ def free_port():
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """A local Ray instance shared by the whole test session."""
+    """A local Ray instance shared by the whole test session, started with
+    retries: on a loaded host the raylet can miss Ray's fixed 30 s
+    registration deadline."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    for attempt in range(3):
+        if ray.is_initialized():
+            break
+        try:
+            ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        except Exception:  # noqa: BLE001 - Ray raises a bare Exception for it
+            ray.shutdown()
+            if attempt == 2:
+                raise
     # Ray Data's console log handler binds to the sys.stderr of the moment it
     # is imported; imported here (session setup, outside any test's capsys)
     # it never writes into a capture that a finished test has closed.

@@ -40,7 +40,13 @@ def test_killed_driver_then_rerun_gives_every_clip_once(ray_session, benchmark_d
     finally:
         if proc.poll() is None:
             proc.kill()
-    time.sleep(1.0)                                   # let its workers notice and exit
+    # Ray kills the dead driver's tasks and actors; once it has, their CPUs are
+    # free again and nothing of the old run can still write a shard
+    total = ray_session.cluster_resources()["CPU"]
+    deadline = time.time() + 60
+    while ray_session.available_resources().get("CPU", 0) < total:
+        assert time.time() < deadline, "the killed driver's workers still hold CPUs after 60 s"
+        time.sleep(0.1)
     before = pp.shard_uris(str(out), compose("preprocess").storage)
     assert 2 <= len(before) < 12, "killed too late to test anything"
     assert not (out / "summary.json").exists()

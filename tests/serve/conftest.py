@@ -100,22 +100,3 @@ def store_url(request, tmp_path):
     if request.param == "sqlite":
         return str(tmp_path / "jobstore")
     return request.getfixturevalue("postgres_server")()
-
-
-@pytest.fixture(scope="session")
-def ray_session():
-    """The session's local Ray (as tests/conftest.py's), started with retries:
-    on a loaded host the raylet can miss Ray's fixed 30 s registration deadline."""
-    import ray
-
-    for attempt in range(3):
-        if ray.is_initialized():
-            break
-        try:
-            ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-        except Exception:  # noqa: BLE001 - Ray raises a bare Exception for it
-            ray.shutdown()
-            if attempt == 2:
-                raise
-    yield ray
-    ray.shutdown()

@@ -300,6 +300,76 @@ def test_restarting_the_app_mid_job_resumes_it(service):
     assert _outputs(svc, job_id) == sorted(f"out/default/{job_id}/r{i}.mp4" for i in range(4))
 
 
+def test_a_bad_output_fails_its_item_at_once_with_the_reason(service):
+    """The failure policy (as `dheads dub`'s): an output that cannot be
+    written where asked fails on its first attempt, not after
+    `serve.max_attempts`; the job's other item succeeds."""
+    svc = service
+    state = Path(svc.cfg.serve.job_store).parent / "default"
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "blocker").write_text("a file where the output's folder should be")
+    bad = str(state / "blocker" / "x.mp4")
+    r = svc.post({"items": [_item(svc, "id.png", "a2.flac", item_id="bad", output=bad),
+                            _item(svc, "id.png", "a2.flac", item_id="good")]})
+    assert r.status_code == 202, r.text
+    job = svc.wait(r.json()["job_id"])
+    assert job["status"] == "failed" and [i["status"] for i in job["items"]] == ["failed", "succeeded"], job
+    bad = job["items"][0]
+    assert bad["attempts"] == 1 and bad["reason"].startswith("output: cannot write"), bad
+
+
+def test_quotas_answer_429_and_expired_outputs_are_deleted(service):
+    """The app redeployed with tight per-tenant quotas and output expiry on:
+    a job past the open-items quota and an upload past the bytes quota get
+    429 over HTTP (the upload's files deleted, no job stored); a job under
+    them completes, and the runners' sweep deletes its outputs from S3 once
+    `serve.output_ttl_s` passed, its results then saying so."""
+    import dataclasses
+
+    import boto3
+    from ray import serve
+
+    from dheads.serve import app
+
+    svc = service
+    s3 = boto3.client("s3", endpoint_url=svc.cfg.storage.endpoint_url, region_name="us-east-1")
+
+    def uploads() -> set:
+        return {o["Key"] for o in s3.list_objects_v2(Bucket=svc.bucket, Prefix="uploads/").get("Contents", [])}
+
+    tight = dataclasses.replace(svc.cfg, serve=dataclasses.replace(
+        svc.cfg.serve, max_open_items_per_tenant=3, max_upload_gb_per_tenant=0.5 / 1024, output_ttl_s=2.0))
+    serve.delete(app.APP_NAME)
+    app.run(tight)
+    try:
+        r = svc.post({"items": [_item(svc, "id.png", "a2.flac", item_id=f"q{i}") for i in range(4)]})
+        assert r.status_code == 429 and "would pass the limit of 3" in r.text, r.text
+        before = uploads()
+        files = {}
+        for field, name in (("identity", "id.png"), ("audio", "a20.wav")):   # 20 s wav: 640 KB > 0.5 MB
+            with storage.local_path(svc.inputs[name], svc.cfg.storage) as p:
+                files[field] = (name, Path(p).read_bytes())
+        r = svc.upload(files, data={"item_id": "big"})
+        assert r.status_code == 429 and "of uploads" in r.text, r.text
+        assert uploads() == before                                   # its files went with it
+        r = svc.post({"items": [_item(svc, "id.png", "a2.flac", item_id=f"ok{i}") for i in range(2)]})
+        assert r.status_code == 202, r.text
+        job_id = r.json()["job_id"]
+        assert svc.wait(job_id)["status"] == "succeeded"
+        assert len(_outputs(svc, job_id)) == 2
+
+        deadline = time.time() + 120
+        while _outputs(svc, job_id) and time.time() < deadline:
+            time.sleep(0.5)
+        assert _outputs(svc, job_id) == []
+        results = svc.get(f"/v1/jobs/{job_id}/results").json()["results"]
+        assert [(x["status"], x["output"]) for x in results] == [("succeeded", None)] * 2
+        assert all("output deleted" in x["reason"] for x in results), results
+    finally:
+        serve.delete(app.APP_NAME)
+        app.run(svc.cfg)
+
+
 def test_nothing_runs_at_import():
     import subprocess
     import sys
