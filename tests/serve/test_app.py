@@ -335,7 +335,8 @@ def test_quotas_answer_429_and_expired_outputs_are_deleted(service):
     s3 = boto3.client("s3", endpoint_url=svc.cfg.storage.endpoint_url, region_name="us-east-1")
 
     def uploads() -> set:
-        return {o["Key"] for o in s3.list_objects_v2(Bucket=svc.bucket, Prefix="uploads/").get("Contents", [])}
+        listed = s3.list_objects_v2(Bucket=svc.bucket, Prefix="uploads/").get("Contents", [])
+        return {o["Key"] for o in listed if not o["Key"].endswith("/")}          # pyarrow dir markers
 
     tight = dataclasses.replace(svc.cfg, serve=dataclasses.replace(
         svc.cfg.serve, max_open_items_per_tenant=3, max_upload_gb_per_tenant=0.5 / 1024, output_ttl_s=2.0))
