@@ -2,6 +2,7 @@
 (moto_server over HTTP on 127.0.0.1) started and killed by the tests."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -14,12 +15,24 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+_BENCH_MODULES: dict = {}
+
+
+def bench_file(name: str):
+    """`bench/<name>.py` as a module, imported once: the helpers the tests
+    share with the benchmarks (`_paths`, `_dubbing`) are written there only."""
+    if name not in _BENCH_MODULES:
+        spec = importlib.util.spec_from_file_location(f"bench_shared_{name.lstrip('_')}", REPO / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _BENCH_MODULES[name] = module
+    return _BENCH_MODULES[name]
+
+
 # The benchmark set sits beside the work tree (../shared/benchmark); a clone
 # elsewhere finds it through DHEADS_BENCHMARK or the workplace's /work/shared.
-_CANDIDATES = [Path(p) for p in (os.environ.get("DHEADS_BENCHMARK"),) if p] + [
-    REPO.parent / "shared" / "benchmark", Path("/work/shared/benchmark")]
-BENCHMARK = next((p.resolve() for p in _CANDIDATES if (p / "val" / "manifest.jsonl").exists()),
-                 _CANDIDATES[0].resolve() if _CANDIDATES else REPO.parent / "shared" / "benchmark")
+_CANDIDATES = bench_file("_paths").candidates()
+BENCHMARK = bench_file("_paths").find_benchmark() or _CANDIDATES[0].resolve()
 
 
 # The slow tier: what starts a Ray cluster beyond the one session, Serve, a
@@ -241,30 +254,13 @@ def video_factory():
 
 # ------------------------------------------------------------ dubbing inputs
 def tiny_checkpoint(path, image_size: int = 16, channels: int | None = 16, seed: int = 0) -> str:
-    """A random-init `tiny`-preset model checkpoint at `image_size`, shrunk to
-    `channels` (None: the preset's width)."""
-    import torch
-
-    from dheads.model.checkpoint import save_checkpoint
-    from dheads.model.config import DiffusionConfig
-    from dheads.model.unet import DiffusedHeads
-    from dheads.platform.config import compose
-
-    shrink = [f"model.model_channels={channels}", "model.num_groups=8",
-              f"model.num_head_channels={channels}"] if channels else []
-    cfg = compose("info", ["model=tiny", f"model.image_size={image_size}", *shrink]).model
-    torch.manual_seed(seed)
-    save_checkpoint(path, DiffusedHeads(cfg), cfg, DiffusionConfig())
-    return str(path)
+    """bench/_dubbing.py's `tiny_checkpoint` (a random-init shrunk `tiny` model)."""
+    return bench_file("_dubbing").tiny_checkpoint(path, image_size, channels, seed)
 
 
 def speech(seconds: float, seed: int = 0, sample_rate: int = 16000):
-    """Speech-like mono float32 audio with pauses (dheads synth's voice)."""
-    import numpy as np
-
-    from dheads.jobs.synthface import synth_speech
-
-    return synth_speech(np.random.default_rng(seed), int(round(seconds * sample_rate)), sample_rate)
+    """bench/_dubbing.py's `speech` (speech-like audio with pauses, dheads synth's voice)."""
+    return bench_file("_dubbing").speech(seconds, seed, sample_rate)
 
 
 _AUDIO_CODECS = {".wav": ("wav", "pcm_s16le", "s16"), ".flac": ("flac", "flac", "s16"),
