@@ -45,12 +45,10 @@ TRANSIENT_TRIES = 3          # calls in all, for an item step that meets a trans
 T = TypeVar("T")
 
 
-def _user_error(where: str, e: Exception) -> Exception:
-    """`e` as the item's reason (ItemError), unless it is a transient
-    storage error: that one goes up as itself, to be tried again."""
-    if isinstance(e, storage.StorageError) and e.transient:
-        return e
-    return ItemError(f"{where}: {e}")
+def _transient(e: Exception) -> bool:
+    """A transient storage error: it goes up as itself, to be tried again
+    (anything else becomes the item's reason, an ItemError)."""
+    return isinstance(e, storage.StorageError) and e.transient
 
 
 def retry_transient(step: Callable[[], T], tries: int = TRANSIENT_TRIES, delay_s: float = 1.0) -> T:
@@ -221,7 +219,9 @@ def prepare_item(item: DubItem, cfg: DubConfig, image_size: int,
         # decoding stops a little past the limit; the exact check follows
         audio = load_audio(item.audio, storage_cfg, max_seconds=cfg.max_audio_s + 1.0, max_mb=cfg.max_media_mb)
     except (MediaError, storage.StorageError) as e:
-        raise _user_error(f"audio {item.audio}", e) from e
+        if _transient(e):
+            raise
+        raise ItemError(f"audio {item.audio}: {e}") from e
     seconds = len(audio) / SAMPLE_RATE
     if seconds > cfg.max_audio_s:
         raise ItemError(f"audio is {seconds:.1f} s, over the limit of {cfg.max_audio_s:g} s")
@@ -230,7 +230,9 @@ def prepare_item(item: DubItem, cfg: DubConfig, image_size: int,
     try:
         identity = load_identity(item.identity, image_size, cfg, item.identity_frame, storage_cfg)
     except (MediaError, storage.StorageError, ValueError) as e:
-        raise _user_error(f"identity {item.identity}", e) from e
+        if _transient(e):
+            raise
+        raise ItemError(f"identity {item.identity}: {e}") from e
     segments = segment_item(item.item_id, identity, audio, cfg, item_seed(seed, item.item_id))
     return PreparedItem(item, n_video_frames(len(audio)), segments)
 
@@ -257,7 +259,9 @@ def finish_item(output: str, segments: list[Segment], frames: dict[int, np.ndarr
         video, audio = assemble(segments, frames)
         return write_output(output, video, audio, storage_cfg)
     except (MediaError, storage.StorageError, ValueError) as e:
-        raise _user_error("output", e) from e
+        if _transient(e):
+            raise
+        raise ItemError(f"output: {e}") from e
 
 
 def finish_result(item_id: str, output: str, segments: list[Segment], frames: dict[int, np.ndarray],
