@@ -70,10 +70,10 @@ def fit(poses: list[np.ndarray], eyes: list[np.ndarray], blinks: list[np.ndarray
     # starts over frames the refractory gap rules out: too few blinks drawn)
     eligible = 0
     for b, first in firsts:
-        since = np.full(len(b), gap)
+        ruled_out = np.zeros(len(b), bool)
         for s in first:
-            since[s:s + gap] = np.minimum(since[s:s + gap], np.arange(min(gap, len(b) - s)))
-        eligible += int(((~b) & (since >= gap)).sum())
+            ruled_out[s:s + gap] = True
+        eligible += int((~b & ~ruled_out).sum())
     shape = np.mean(shapes, axis=0) if shapes else np.zeros(0)
     if len(shape):  # the curve returns to open at its end
         shape = np.minimum(shape / max(np.median(np.concatenate(eyes)), 1e-9), OPEN)

@@ -17,6 +17,7 @@ attempts of the claimed item in Serve (`serve.max_attempts`).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
@@ -45,10 +46,16 @@ TRANSIENT_TRIES = 3          # calls in all, for an item step that meets a trans
 T = TypeVar("T")
 
 
-def _transient(e: Exception) -> bool:
-    """A transient storage error: it goes up as itself, to be tried again
-    (anything else becomes the item's reason, an ItemError)."""
-    return isinstance(e, storage.StorageError) and e.transient
+@contextlib.contextmanager
+def _reason(where: str, *kinds: type[Exception]):
+    """Errors of `kinds` inside become the item's reason, `ItemError("<where>: ...")`;
+    a transient storage error goes up as itself, to be tried again."""
+    try:
+        yield
+    except kinds as e:
+        if isinstance(e, storage.StorageError) and e.transient:
+            raise
+        raise ItemError(f"{where}: {e}") from e
 
 
 def retry_transient(step: Callable[[], T], tries: int = TRANSIENT_TRIES, delay_s: float = 1.0) -> T:
@@ -215,24 +222,16 @@ def prepare_item(item: DubItem, cfg: DubConfig, image_size: int,
     `item_seed(seed, item_id)`: the job's `seed` and the item's id). Raises
     ItemError (with the media stage in the message) for anything a user must
     fix, a transient StorageError for the store being away."""
-    try:
+    with _reason(f"audio {item.audio}", MediaError, storage.StorageError):
         # decoding stops a little past the limit; the exact check follows
         audio = load_audio(item.audio, storage_cfg, max_seconds=cfg.max_audio_s + 1.0, max_mb=cfg.max_media_mb)
-    except (MediaError, storage.StorageError) as e:
-        if _transient(e):
-            raise
-        raise ItemError(f"audio {item.audio}: {e}") from e
     seconds = len(audio) / SAMPLE_RATE
     if seconds > cfg.max_audio_s:
         raise ItemError(f"audio is {seconds:.1f} s, over the limit of {cfg.max_audio_s:g} s")
     if seconds < 1.0 / FPS:
         raise ItemError("audio is shorter than one video frame")
-    try:
+    with _reason(f"identity {item.identity}", MediaError, storage.StorageError, ValueError):
         identity = load_identity(item.identity, image_size, cfg, item.identity_frame, storage_cfg)
-    except (MediaError, storage.StorageError, ValueError) as e:
-        if _transient(e):
-            raise
-        raise ItemError(f"identity {item.identity}: {e}") from e
     segments = segment_item(item.item_id, identity, audio, cfg, item_seed(seed, item.item_id))
     return PreparedItem(item, n_video_frames(len(audio)), segments)
 
@@ -255,13 +254,9 @@ def finish_item(output: str, segments: list[Segment], frames: dict[int, np.ndarr
     write its mp4 with the item's audio. Returns the video's seconds. A bad
     output (it cannot be encoded, or written where asked) raises ItemError
     ("output: ..."); a transient storage error goes up as itself."""
-    try:
+    with _reason("output", MediaError, storage.StorageError, ValueError):
         video, audio = assemble(segments, frames)
         return write_output(output, video, audio, storage_cfg)
-    except (MediaError, storage.StorageError, ValueError) as e:
-        if _transient(e):
-            raise
-        raise ItemError(f"output: {e}") from e
 
 
 def finish_result(item_id: str, output: str, segments: list[Segment], frames: dict[int, np.ndarray],
