@@ -138,6 +138,11 @@ class MotionConfig:
 
 @dataclass
 class ModelConfig:
+    """The UNet. Defaults: the tiny network (configs/model/tiny.yaml), whose
+    file names only what it sets beyond them: its smaller audio front end and
+    the motion extensions. `audio` and `motion` default to what a stored
+    config without those keys means (the paper's front end, no extensions),
+    so checkpoints written before a key existed load as they were trained."""
     preset: str = "tiny"
     image_size: int = 64
     # noisy target (3) + identity frame (3) + two grayscale motion frames (2)
@@ -145,7 +150,7 @@ class ModelConfig:
     # epsilon (3) + variance interpolation v (3)
     out_channels: int = 6
     model_channels: int = 32
-    channel_mult: List[int] = field(default_factory=lambda: [1, 2, 2])
+    channel_mult: List[int] = field(default_factory=lambda: [1, 2, 3])
     num_res_blocks: int = 1
     # Extra self-attention at these downsample factors (1 = full res). The
     # middle block always has one attention layer (the paper's choice); the
@@ -154,19 +159,23 @@ class ModelConfig:
     # Attention heads as in guided-diffusion: num_head_channels > 0 fixes the
     # channels per head (heads = channels // num_head_channels) and wins;
     # num_head_channels = -1 uses num_heads. Neither changes params or FLOPs.
-    num_head_channels: int = 64
+    num_head_channels: int = 32
     num_heads: int = 4
     dropout: float = 0.0
-    num_groups: int = 32
+    num_groups: int = 16
     audio: AudioConfig = field(default_factory=AudioConfig)
     motion: MotionConfig = field(default_factory=MotionConfig)
 
 
 @dataclass
 class DiffusionConfig:
-    """The diffusion process and its loss. Paper defaults: ε-prediction, the
-    cosine schedule over 1000 steps, learned-range variance, λ_vlb = 1e-4,
-    λ_ls = 0.2 (mouth box without margin here; the official code adds 5 px)."""
+    """The diffusion process and its loss. Defaults: the paper's (configs/
+    diffusion/paper.yaml names nothing): ε-prediction, the cosine schedule
+    over 1000 steps, learned-range variance, λ_vlb = 1e-4, λ_ls = 0.2 (mouth
+    box without margin here; the official code adds 5 px). dheads' default
+    (configs/diffusion/default.yaml) names its three extensions. The paper's
+    values stay the dataclass's because a stored config without a key (written
+    before the extension existed) was trained without it."""
     steps: int = 1000
     schedule: BetaSchedule = BetaSchedule.cosine
     variance: VarianceType = VarianceType.learned_range
@@ -203,10 +212,14 @@ class DiffusionConfig:
 
 @dataclass
 class SamplerConfig:
+    """Defaults: the measured default sampler (configs/sampler/ddim.yaml names
+    nothing), DDIM (eta 0) on 5 steps spaced back from T−1 ("trailing", so
+    sampling starts where training saw pure noise): best on val at half the
+    cost of trailing10 (docs/quality.md)."""
     kind: SamplerKind = SamplerKind.ddim
     # space_timesteps spec: "trailing20" (includes T−1), "100", "ddim50"
     # (guided-diffusion: starts below T−1), "10,10,10". Ignored for ddpm.
-    steps: str = "trailing5"         # the measured default (configs/sampler/ddim.yaml)
+    steps: str = "trailing5"         # the measured default (docs/quality.md)
     eta: float = 0.0
     # ρ of x_T (and of the motion-frame noise) from one frame to the next:
     # 0 a fresh draw per frame (the paper), 1 one draw per clip; in between
