@@ -93,6 +93,7 @@ class MotionPrior:
     blink_shape: List[float] = field(default_factory=list)
     clips: int = 0                   # training clips it was fitted on
     frames: int = 0
+    blinks: int = 0                  # blinks in them (their starts)
 
 
 @dataclass

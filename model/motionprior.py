@@ -84,7 +84,7 @@ def fit(poses: list[np.ndarray], eyes: list[np.ndarray], blinks: list[np.ndarray
         blink_rate=starts / max(eligible + starts, 1),
         blink_gap=gap,
         blink_shape=[float(x) for x in shape],
-        clips=len(poses), frames=int(sum(len(p) for p in poses)))
+        clips=len(poses), frames=int(sum(len(p) for p in poses)), blinks=starts)
 
 
 def sample(prior: MotionPrior, n_frames: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -33,8 +33,7 @@ def fit_from_shards(shards_uri: str, model_cfg: ModelConfig, storage_cfg: Storag
             eyes.append(np.asarray(eye, np.float64))
     flags = [facemotion.detect_blinks(e) for e in eyes]
     prior = motionprior.fit(poses, eyes, flags)
-    starts = sum(int((f[1:] & ~f[:-1]).sum() + f[:1].sum()) for f in flags)
     print(f"[train] motion prior fitted on {prior.clips} clips ({prior.frames} frames): "
-          f"{starts / max(prior.frames, 1) * 25:.2f} blinks/s in them, pose step σ "
+          f"{prior.blinks / max(prior.frames, 1) * model_cfg.audio.fps:.2f} blinks/s in them, pose step σ "
           f"{', '.join(f'{s:.3f}' for s in prior.sigma)} (angle°, tx, ty px)", flush=True)
     return dataclasses.replace(model_cfg, motion=dataclasses.replace(model_cfg.motion, prior=prior))

@@ -50,6 +50,8 @@ def test_prior_fitted_on_its_own_samples_reproduces_their_motion_and_blinks():
     poses = [p for p, _ in tracks]
     eyes = [e for _, e in tracks]
     fitted = motionprior.fit(poses, eyes, [e < 0.9 for e in eyes])
+    runs = sum(int(np.diff(np.concatenate([[0], (e < 0.9).astype(int)])).clip(0).sum()) for e in eyes)
+    assert fitted.blinks == runs > 0  # the blinks it saw (what `dheads train` logs per second)
     again = [motionprior.sample(fitted, len(p), 10_000 + i)[0] for i, p in enumerate(poses)]
     std = lambda ps: np.mean([p.std(0) for p in ps], axis=0)  # noqa: E731
     assert np.allclose(std(again), std(poses), rtol=0.2), (std(again), std(poses))
