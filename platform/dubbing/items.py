@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import random
 import tempfile
 import time
 from dataclasses import dataclass
@@ -59,20 +60,22 @@ def _reason(where: str, *kinds: type[Exception]):
 
 
 def retry_transient(step: Callable[[], T], tries: int = TRANSIENT_TRIES, delay_s: float = 1.0) -> T:
-    """`step()`, called again (after `delay_s`, doubling) while it raises a
-    transient StorageError, `tries` calls at most; then that error, its
-    message saying how many tries it had."""
-    for attempt in range(1, tries + 1):
+    """`step()`, called again while it raises a transient StorageError,
+    `tries` calls at most; then that error, its message saying how many tries
+    it had. The waits double from `delay_s`, each cut to a random 50–100 %
+    (jitter: workers that failed together do not retry together)."""
+    attempt = 1
+    while True:
         try:
             return step()
         except storage.StorageError as e:
             if not e.transient:
                 raise
-            if attempt == tries:
+            if attempt >= tries:
                 raise storage.StorageError(f"{e} (transient; gave up after {tries} tries)",
                                            transient=True) from e
-        time.sleep(delay_s * 2 ** (attempt - 1))
-    raise AssertionError("unreachable")
+        time.sleep(delay_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.0))
+        attempt += 1
 
 
 class ItemStatus(str, Enum):
