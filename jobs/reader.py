@@ -1,5 +1,5 @@
 """The training reader: a streaming Ray Data dataset of training tuples over
-the shards written by `dheads preprocess` (schema in `jobs/preprocess.py`).
+the shards written by `dheads preprocess` (format in `jobs/shards.py`).
 
     ds = training_dataset(shards_uri, model_cfg, data_cfg, storage_cfg)
     for batch in iter_training_batches(ds, batch_size=8, data=data_cfg): ...
@@ -53,6 +53,7 @@ import zlib
 import numpy as np
 import pyarrow.parquet as pq
 
+from dheads.jobs import shards
 from dheads.model.images import to_unit
 from dheads.platform import storage
 from dheads.platform.config import DataConfig, IdentitySource, ModelConfig, StorageConfig
@@ -85,9 +86,7 @@ def check_motion_columns(shards_uri: str, model_cfg: ModelConfig, storage_cfg: S
 
 def shard_uris(shards_uri: str, storage_cfg: StorageConfig | None = None) -> list[str]:
     """Complete shards under `shards_uri` (temp names of a running/killed job never match)."""
-    from dheads.jobs.preprocess import shard_uris as _shard_uris
-
-    uris = _shard_uris(shards_uri, storage_cfg or StorageConfig())
+    uris = shards.shard_uris(shards_uri, storage_cfg or StorageConfig())
     if not uris:
         raise FileNotFoundError(f"no shard-*.parquet under {shards_uri}; run `dheads preprocess` first")
     return uris
@@ -137,7 +136,6 @@ def clip_tuples(row: dict, context: int, count: int, seed: int, epoch: int = 0,
     """One shard row (a clip) -> `count` training tuples (see the module table)."""
     import torch
 
-    from dheads.jobs.preprocess import decode_frames
     from dheads.model.posewarp import relative_pose, warp_to_pose
     from dheads.model.video import audio_windows, motion_frames
 
@@ -159,7 +157,7 @@ def clip_tuples(row: dict, context: int, count: int, seed: int, epoch: int = 0,
     stabilized = {int(k): bool(u < stabilize_tuples) for k, u in zip(ks, draws)}
     blobs = row["frames"]
     needed = sorted(set(ids.values()) | {int(j) for k in ks for j in (k - 2, k - 1, k) if j >= 0})
-    decoded = {j: _unit(f) for j, f in zip(needed, decode_frames([blobs[j] for j in needed]))}
+    decoded = {j: _unit(f) for j, f in zip(needed, shards.decode_frames([blobs[j] for j in needed]))}
     feats = torch.from_numpy(_features(row))
     boxes = np.asarray([np.asarray(b, np.float32) for b in row["mouth_boxes"]], np.float32)
     poses = np.asarray(row["head_pose"], np.float64).reshape(-1, 3) if pose_warp else None
@@ -250,7 +248,6 @@ def load_clip_rows(shards_uri: str, storage_cfg: StorageConfig | None = None,
     `audio_features [T, *feat]` float32, `audio [T*640]` float32 16 kHz,
     `mouth_boxes [T, 4]` float32, `fps`. Order: shard order, then row order.
     """
-    from dheads.jobs.preprocess import decode_frames
 
     storage_cfg = storage_cfg or StorageConfig()
     wanted = set(clip_ids) if clip_ids is not None else None
@@ -263,7 +260,7 @@ def load_clip_rows(shards_uri: str, storage_cfg: StorageConfig | None = None,
                 continue
             out.append({
                 "clip_id": row["clip_id"], "identity": row["identity"], "source_uri": row["source_uri"],
-                "fps": row["fps"], "frames": decode_frames(row["frames"]),
+                "fps": row["fps"], "frames": shards.decode_frames(row["frames"]),
                 "audio_features": _features(row),
                 "audio": np.frombuffer(row["audio_pcm16"], "<i2").astype(np.float32) / 32767.0,
                 "mouth_boxes": np.asarray(row["mouth_boxes"], np.float32),

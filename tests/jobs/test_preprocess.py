@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dheads.jobs import preprocess as pp
+from dheads.jobs import shards as shard_format
 from dheads.jobs.reader import load_clip_rows
 from dheads.model.audio import feature_shape
 from dheads.platform import storage
@@ -23,7 +24,7 @@ def _cfg(inp, out, *extra):
 
 def _rows(out, storage_cfg=None, columns=None):
     rows = []
-    for uri in pp.shard_uris(str(out), storage_cfg or compose("preprocess").storage):
+    for uri in shard_format.shard_uris(str(out), storage_cfg or compose("preprocess").storage):
         fs, path = storage.resolve(uri, storage_cfg)
         rows += pq.read_table(path, filesystem=fs, columns=columns).to_pylist()
     return rows
@@ -40,7 +41,7 @@ def test_benchmark_val_gives_one_row_per_clip(ray_session, benchmark_dir, tmp_pa
     manifest = [json.loads(x) for x in (benchmark_dir / "val" / "manifest.jsonl").read_text().splitlines()]
     assert (summary.clips_in, summary.ok, summary.failed) == (40, 40, 0)
     rows = {r["clip_id"]: r for r in _rows(tmp_path)}
-    assert len(rows) == 40 and len(pp.shard_uris(str(tmp_path), cfg.storage)) == 5
+    assert len(rows) == 40 and len(shard_format.shard_uris(str(tmp_path), cfg.storage)) == 5
     size = cfg.model.image_size
     for m in manifest:
         r = rows[m["clip_id"]]

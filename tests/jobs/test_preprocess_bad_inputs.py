@@ -18,7 +18,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import media_kinds as mk  # noqa: E402
 
-from dheads.jobs import preprocess as pp  # noqa: E402
+from dheads.jobs import shards as shard_format  # noqa: E402
 from dheads.platform.cli import main  # noqa: E402
 
 # name -> (stage, words in the reason)
@@ -86,7 +86,7 @@ def _rows(out: Path) -> dict[str, dict]:
 
 
 def _frame(row: dict, i: int = 5) -> np.ndarray:
-    return pp.decode_frames([row["frames"][i]])[0].astype(int)
+    return shard_format.decode_frames([row["frames"][i]])[0].astype(int)
 
 
 def test_every_kind_is_a_row_or_a_reason_and_the_job_completes(ray_session, inputs, tmp_path, capsys):

@@ -12,6 +12,7 @@ import time
 import pyarrow.parquet as pq
 
 from dheads.jobs import preprocess as pp
+from dheads.jobs import shards as shard_format
 from dheads.jobs.reader import load_clip_rows
 from dheads.platform.config import compose
 
@@ -47,12 +48,12 @@ def test_killed_driver_then_rerun_gives_every_clip_once(ray_session, benchmark_d
     while ray_session.available_resources().get("CPU", 0) < total:
         assert time.time() < deadline, "the killed driver's workers still hold CPUs after 60 s"
         time.sleep(0.1)
-    before = pp.shard_uris(str(out), compose("preprocess").storage)
+    before = shard_format.shard_uris(str(out), compose("preprocess").storage)
     assert 2 <= len(before) < 12, "killed too late to test anything"
     assert not (out / "summary.json").exists()
     for uri in before:                                # every visible shard is complete
         assert pq.read_table(uri).num_rows == 1
-    done = pp.done_set(str(out), compose("preprocess").storage)
+    done = shard_format.done_set(str(out), compose("preprocess").storage)
 
     cfg = compose("preprocess", [*args, "data.workers=2"])
     summary = pp.preprocess(cfg, progress=False)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dheads.jobs import preprocess as pp
+from dheads.jobs import shards as shard_format
 from dheads.jobs.reader import iter_training_batches, load_clip_rows, training_dataset
 from dheads.model.audio import feature_shape
 from dheads.platform.config import compose
@@ -71,7 +72,7 @@ def test_first_frames_pad_motion_with_identity(shards):
     out, cfg = shards
     import pyarrow.parquet as pq
 
-    row = pq.read_table(pp.shard_uris(out, cfg.storage)[0]).to_pylist()[0]
+    row = pq.read_table(shard_format.shard_uris(out, cfg.storage)[0]).to_pylist()[0]
     tuples = {t["frame_index"]: t for t in clip_tuples(row, 2, row["n_frames"], seed=0)}
     ident_gray = np.tensordot(GRAY, tuples[0]["identity"], axes=1)
     np.testing.assert_allclose(tuples[0]["motion"][0], ident_gray, atol=1e-5)
@@ -93,7 +94,7 @@ def test_pose_warp_moves_the_identity_to_the_targets_measured_pose(shards):
     import pyarrow.parquet as pq
 
     assert cfg.model.motion.pose_warp and cfg.model.motion.eye_embed
-    row = pq.read_table(pp.shard_uris(out, cfg.storage)[0]).to_pylist()[0]
+    row = pq.read_table(shard_format.shard_uris(out, cfg.storage)[0]).to_pylist()[0]
     poses = np.asarray(row["head_pose"], np.float32)
     assert poses.shape == (row["n_frames"], 3) and not poses[0].any()
     plain = {t["frame_index"]: t for t in clip_tuples(row, 2, row["n_frames"], seed=0)}
@@ -119,7 +120,7 @@ def test_stabilize_tuples_put_the_identity_at_the_older_motion_frame(shards):
     out, cfg = shards
     import pyarrow.parquet as pq
 
-    rows = pq.read_table(pp.shard_uris(out, cfg.storage)[0]).to_pylist()
+    rows = pq.read_table(shard_format.shard_uris(out, cfg.storage)[0]).to_pylist()
     swapped = total = 0
     for row in rows:
         plain = {t["frame_index"]: t for t in clip_tuples(row, 2, row["n_frames"], seed=0)}
