@@ -73,7 +73,7 @@ def check_motion_columns(shards_uri: str, model_cfg: ModelConfig, storage_cfg: S
     """A model with explicit motion needs shards with measured tracks."""
     if not model_cfg.motion.conditioned:
         return
-    fs, path = storage.resolve(shard_uris(shards_uri, storage_cfg)[0], storage_cfg)
+    fs, path = storage.resolve(require_shards(shards_uri, storage_cfg)[0], storage_cfg)
     names = set(pq.read_schema(path, filesystem=fs).names)
     missing = [c for c in MOTION_COLUMNS if c not in names]
     if missing:
@@ -84,8 +84,8 @@ def check_motion_columns(shards_uri: str, model_cfg: ModelConfig, storage_cfg: S
                          "model.motion.eye_embed=false")
 
 
-def shard_uris(shards_uri: str, storage_cfg: StorageConfig | None = None) -> list[str]:
-    """Complete shards under `shards_uri` (temp names of a running/killed job never match)."""
+def require_shards(shards_uri: str, storage_cfg: StorageConfig | None = None) -> list[str]:
+    """The complete shards under `shards_uri`; FileNotFoundError with what to run when there are none."""
     uris = shards.shard_uris(shards_uri, storage_cfg or StorageConfig())
     if not uris:
         raise FileNotFoundError(f"no shard-*.parquet under {shards_uri}; run `dheads preprocess` first")
@@ -202,7 +202,7 @@ def training_dataset(shards_uri: str, model_cfg: ModelConfig, data_cfg: DataConf
     import ray
 
     storage_cfg = storage_cfg or StorageConfig()
-    uris = shard_uris(shards_uri, storage_cfg)
+    uris = require_shards(shards_uri, storage_cfg)
     fs, _ = storage.resolve(uris[0], storage_cfg)
     paths = [storage.resolve(u, storage_cfg)[1] for u in uris]
     from ray.data import FileShuffleConfig
@@ -252,7 +252,7 @@ def load_clip_rows(shards_uri: str, storage_cfg: StorageConfig | None = None,
     storage_cfg = storage_cfg or StorageConfig()
     wanted = set(clip_ids) if clip_ids is not None else None
     out: list[dict] = []
-    for uri in shard_uris(shards_uri, storage_cfg):
+    for uri in require_shards(shards_uri, storage_cfg):
         fs, path = storage.resolve(uri, storage_cfg)
         table = pq.read_table(path, filesystem=fs)
         for row in table.to_pylist():

@@ -71,13 +71,13 @@ def ensure_shards(cfg: TrainJob) -> None:
     folder or prefix of videos) when there are none yet: a recipe is then one
     command. Without a source, no shards is a clear error before Ray starts."""
     from dheads.jobs import preprocess
-    from dheads.jobs.reader import shard_uris
+    from dheads.jobs.reader import require_shards
     from dheads.platform import storage
     from dheads.platform.config import PreprocessJob
     from dheads.platform.errors import UserError
 
     try:
-        shard_uris(cfg.data.shards, cfg.storage)
+        require_shards(cfg.data.shards, cfg.storage)
         return
     except FileNotFoundError:
         if not cfg.data.source:
@@ -109,13 +109,13 @@ def with_motion_prior(cfg: TrainJob) -> TrainJob:
 def run(cfg: TrainJob) -> int:
     import ray.data
 
-    from dheads.jobs.reader import TENSOR_COLUMNS, shard_uris, training_dataset
+    from dheads.jobs.reader import TENSOR_COLUMNS, require_shards, training_dataset
     from dheads.jobs.training.loop import run_folder
     from dheads.platform.cluster import connect
 
     cfg = pin_paths(cfg)
     if not cfg.data.source:
-        shard_uris(cfg.data.shards, cfg.storage)  # none there: a clear error before Ray starts
+        require_shards(cfg.data.shards, cfg.storage)  # none there: a clear error before Ray starts
     tc = cfg.trainer
     # workers' CPUs + room for the Ray Data tasks that feed them
     connect(cfg.cluster, cfg.storage, min_cpus=tc.num_workers * tc.cpus_per_worker + 2)

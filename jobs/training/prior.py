@@ -19,13 +19,13 @@ def fit_from_shards(shards_uri: str, model_cfg: ModelConfig, storage_cfg: Storag
     """`model_cfg` with `motion.prior` fitted on every clip of the shards
     (unchanged when the model has no explicit motion or its prior is already
     fitted, e.g. given by the user or kept from the run being resumed)."""
-    from dheads.jobs.reader import MOTION_COLUMNS, check_motion_columns, shard_uris
+    from dheads.jobs.reader import MOTION_COLUMNS, check_motion_columns, require_shards
 
     if not model_cfg.motion.conditioned or model_cfg.motion.prior.fitted:
         return model_cfg
     check_motion_columns(shards_uri, model_cfg, storage_cfg)
     poses, eyes = [], []
-    for uri in shard_uris(shards_uri, storage_cfg):
+    for uri in require_shards(shards_uri, storage_cfg):
         fs, path = storage.resolve(uri, storage_cfg)
         table = pq.read_table(path, filesystem=fs, columns=MOTION_COLUMNS)
         for pose, eye in zip(table.column("head_pose").to_pylist(), table.column("eye_open").to_pylist()):
