@@ -29,7 +29,8 @@ UNet under bf16 autocast on CPUs that have it), and are scored by
   (inference motion-frame noise instead of the checkpoint's), `+etaZ`
   (DDIM stochasticity) and `+stabN` (reset the older motion frame to the
   identity every N frames, the official `stabilize`; `+stab0`: never),
-  `+xfadeN` / `+leadN` (the dubbing segments' cross-fade and lead-in frames);
+  `+xfadeN` / `+leadN` (cross-faded segments instead of one carried unit per
+  item, `dub.joints=crossfade`, with N cross-fade / lead-in frames);
 - every row carries `dheads eval`'s head motion, blink, identity, flicker
   and sharpness averages (`MOTION_KEYS`; the full averages under `all`);
   with `--seeds 2` each sampler also dubs every clip a second time with
@@ -37,14 +38,15 @@ UNet under bf16 autocast on CPUs that have it), and are scored by
   measures (`variety_track_r`, `variety_blink_r`: how alike the two runs'
   head tracks and blinks are; null with `variety_reason` otherwise);
 - `long_clip` (`--long-clip`, default 60 s): a clip of an unseen identity
-  made with `dheads synth`, dubbed in segments of ≤ 8 s: the pose-aligned
+  made with `dheads synth`, dubbed as one carried unit (or, with `+xfadeN`,
+  in cross-faded segments of ≤ 8 s): the pose-aligned
   upper face against the identity frame over the first and the last 10 s
   (`identity_drop_db`) beside the reference's own change
   (`ref_identity_drop_db`); head-motion ratios over the whole clip; the seam
   ratio — the largest frame-to-frame change at a segment joint ÷ the median
   frame-to-frame change — beside the same statistic over every other window
   of the clip (p50, p90) and how many joints exceed that p90
-  (`joints_over_p90`); and upper-face PSNR against the reference over the
+  (`joints_over_p90`; a carried item has none: `segments` 1); and upper-face PSNR against the reference over the
   first and the last 5 s (a sanity figure).
 
 `--smoke` (the test suite): a random 16-px checkpoint, 2 clips of 0.4 s,
@@ -156,10 +158,10 @@ def parse_sampler(spec: str):
                 cfg = dataclasses.replace(cfg, eta=float(m[3:]))
             elif m.startswith("stab"):
                 dub["stabilize_every"] = int(m[4:])
-            elif m.startswith("xfade"):
-                dub["crossfade_frames"] = int(m[5:])
+            elif m.startswith("xfade"):  # cross-faded segments instead of one carried unit
+                dub["crossfade_frames"], dub["joints"] = int(m[5:]), "crossfade"
             elif m.startswith("lead"):
-                dub["lead_in_frames"] = int(m[4:])
+                dub["lead_in_frames"], dub["joints"] = int(m[4:]), "crossfade"
             else:
                 raise ValueError
         except ValueError:
@@ -195,9 +197,9 @@ def long_clip(checkpoint: str, spec: str, out: Path, seconds: float, threads: in
     from dheads.jobs.evaluation import metrics as M
     from dheads.jobs.evaluation.mouth import face_regions
     from dheads.jobs.synth import run as synth
-    from dheads.platform.config import DubConfig, SynthJob
+    from dheads.platform.config import DubConfig, Joints, SynthJob
     from dheads.platform.dubbing.items import DubItem
-    from dheads.platform.dubbing.segments import FPS, segment_bounds
+    from dheads.platform.dubbing.segments import FPS, crossfade, segment_bounds
     from dheads.platform.media import read_video
 
     src = out / "long_clip"
@@ -221,7 +223,8 @@ def long_clip(checkpoint: str, spec: str, out: Path, seconds: float, threads: in
     seams = [s for s, _ in segment_bounds(ref.audio, cfg)[1:]]
     change = np.abs(np.diff(g.astype(np.float32), axis=0)).mean(axis=(1, 2, 3))  # change[i]: i -> i+1
     # a joint is cross-faded over crossfade_frames: look at every change inside it
-    width = cfg.crossfade_frames + 1
+    # (a carried item has no joints: every window is "elsewhere")
+    width = crossfade(cfg) + 1
     window = np.array([change[i: i + width].max() for i in range(len(change) - width + 1)])
     at_seams = [window[max(0, s - 1)] for s in seams]
     median = float(np.median(change)) or 1e-9
@@ -240,6 +243,7 @@ def long_clip(checkpoint: str, spec: str, out: Path, seconds: float, threads: in
     motion = headmotion.head_motion(face_g, face_r)
     p90 = float(np.percentile(elsewhere, 90))
     return {"seconds": round(len(g) / FPS, 2), "segments": len(seams) + 1, "sampler": spec,
+            "joints": Joints(cfg.joints).value,
             "identity_psnr_first10s": round(q["identity_psnr_first"], 2),
             "identity_psnr_last10s": round(q["identity_psnr_last"], 2),
             "identity_drop_db": round(q["identity_psnr_first"] - q["identity_psnr_last"], 2),

@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from dheads.model import motionprior
+from dheads.model.images import quantize
 from dheads.model.posewarp import warp_to_pose
 from dheads.model.samplers import Sampler
 
@@ -121,7 +122,7 @@ class FrameLoop:
     def __init__(self, model: nn.Module, sampler: Sampler, capacity: int,
                  device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
                  autocast: torch.dtype | None = None, noise_correlation: float = 0.0,
-                 fixed_batch: bool = False):
+                 fixed_batch: bool = False, uint8_frames: bool = False):
         cfg = getattr(model, "cfg", None) or getattr(getattr(model, "module", None), "cfg", None)
         if cfg is None:
             raise TypeError("FrameLoop needs a DiffusedHeads model (with .cfg)")
@@ -135,6 +136,10 @@ class FrameLoop:
         # ones compute values nobody reads), so its batch never changes: one
         # torch.compile graph and one CUDA graph, at the cost of the idle slots' compute.
         self.fixed_batch = bool(fixed_batch)
+        # uint8_frames: a clip's finished frames are kept as uint8 levels
+        # (`images.quantize`, on the device) and returned as `[T, 3, H, W]`
+        # uint8: a quarter of float32's memory, for items minutes long
+        self.uint8_frames = bool(uint8_frames)
         # the UNet call under autocast (e.g. bf16 on a CPU with AVX512-BF16);
         # the sampler's schedule math stays in float32 or better
         self.autocast = autocast
@@ -258,7 +263,7 @@ class FrameLoop:
     def _finish_frame(self, i: int, x0: torch.Tensor) -> Optional[tuple[Hashable, torch.Tensor]]:
         slot = self.slots[i]
         frame = (x0 + self.identity_in[i] if self.residual else x0).clamp(-1, 1)
-        slot.frames.append(frame)
+        slot.frames.append(quantize(frame) if self.uint8_frames else frame)
         self.motion[i, 0] = self.motion[i, 1]
         self.motion[i, 1] = grayscale(frame)[0]
         slot.k += 1
@@ -273,7 +278,8 @@ class FrameLoop:
     @torch.inference_mode()
     def step(self) -> list[tuple[Hashable, torch.Tensor]]:
         """One UNet call over every busy slot and one sampler step. Returns
-        the clips that finished: `[(key, frames [T, 3, H, W] in [-1, 1])]`."""
+        the clips that finished: `[(key, frames [T, 3, H, W] in [-1, 1])]`
+        (uint8 levels with `uint8_frames`)."""
         busy = [i for i, s in enumerate(self.slots) if s is not None]
         if not busy:
             return []

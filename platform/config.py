@@ -37,6 +37,12 @@ class IdentitySource(str, Enum):
     random = "random"  # a random frame other than the target (the official default)
 
 
+class Joints(str, Enum):
+    """How the frames of a long item join up (docs/jobs-and-config.md, "Long items")."""
+    carry = "carry"          # one unit per item: every frame's motion frames are the previous generated frames
+    crossfade = "crossfade"  # independent segments side by side, each from the identity, cross-faded at the cuts
+
+
 class FaceDetector(str, Enum):
     none = "none"  # frames are already face crops (like ../shared/benchmark)
     haar = "haar"  # OpenCV 4.x Haar cascade
@@ -133,9 +139,16 @@ class TrainerConfig:
 
 @dataclass
 class DubConfig:
-    max_segment_s: float = 8.0
-    min_segment_s: float = 2.0
-    # Segment joints (segments.py): each segment but the last runs
+    # carry: an item is generated in order in one slot, its motion frames
+    # carried through (no joints, no restart from the identity; a long item
+    # is not spread over slots). crossfade: the item is cut at quiet frames
+    # into segments of at most max_segment_s that run side by side, each
+    # starting from the identity (lower latency for one long item, visible
+    # joints). docs/quality.md measures both on a 60 s clip.
+    joints: Joints = Joints.carry
+    max_segment_s: float = 8.0           # (crossfade)
+    min_segment_s: float = 2.0           # (crossfade)
+    # Segment joints (crossfade, segments.py): each segment but the last runs
     # `crossfade_frames` past its end, blended into the next; each but the
     # first starts `lead_in_frames` before its cut and drops them (its
     # start-up frames). 6 + 4 measured on a 30 s clip (docs/quality.md).

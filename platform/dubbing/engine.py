@@ -57,8 +57,9 @@ class ContinuousBatcher:
                  noise_correlation: float = 0.0):
         if audio_cfg.context > PAD_FRAMES - 2:
             raise ValueError(f"audio context {audio_cfg.context} needs PAD_FRAMES >= {audio_cfg.context + 2}")
+        # frames kept as uint8 in the slots: a carried item is minutes of frames in one slot
         self.loop = FrameLoop(model, sampler, batch_size, device=device, dtype=dtype, autocast=autocast,
-                              noise_correlation=noise_correlation)
+                              noise_correlation=noise_correlation, uint8_frames=True)
         self.loop.profile = self.loop.device.type == "cpu"  # UNet time for the stats; free on CPU
         self.features = AudioFeatures(audio_cfg)
         self.image_size = image_size

@@ -1,13 +1,18 @@
 """Segment planning and stitching: pure numpy, no I/O.
 
-An item's audio is cut at low-energy frames into segments of at most
-`DubConfig.max_segment_s`. Every segment is an independent unit that starts
-from the identity frame, so the segments of one item run side by side. Each
-segment but the last runs `crossfade_frames` past its end; `stitch` blends
-that tail into the next segment's first frames. Each segment but the first
-starts `lead_in_frames` before its cut and those frames are dropped: the
-first frames a segment makes, while its motion frames are still copies of
-the identity, move more than the rest (`bench/quality.py --long-clip`).
+With `DubConfig.joints = carry` (the default) an item is one segment: the
+frame loop generates it in order in one slot, so every frame's motion frames
+are the two frames before it and nothing restarts from the identity.
+
+With `joints = crossfade` an item's audio is cut at low-energy frames into
+segments of at most `DubConfig.max_segment_s`. Every segment is an
+independent unit that starts from the identity frame, so the segments of one
+item run side by side. Each segment but the last runs `crossfade_frames` past
+its end; `stitch` blends that tail into the next segment's first frames. Each
+segment but the first starts `lead_in_frames` before its cut and those frames
+are dropped: the first frames a segment makes, while its motion frames are
+still copies of the identity, move more than the rest (`bench/quality.py
+--long-clip`).
 
 A segment carries its own audio with `PAD_FRAMES` frames of context either
 side, so its audio features equal those of the whole item, and so the item's
@@ -24,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dheads.platform.config import DubConfig
+from dheads.platform.config import DubConfig, Joints
 
 SAMPLE_RATE = 16000
 FPS = 25
@@ -138,35 +143,49 @@ EMPTY_SEGMENT_ROW = {"item_id": "", "index": 0, "count": 0, "start": 0, "n_frame
                      "identity": b"", "audio": b""}
 
 
+def carries(cfg: DubConfig) -> bool:
+    """Whether `cfg` generates an item as one carried unit (`joints = carry`)."""
+    return Joints(cfg.joints) == Joints.carry
+
+
 def lead_in(cfg: DubConfig) -> int:
     """Frames a segment after the first generates before its cut, and drops:
     `lead_in_frames`, kept below `min_segment_s` so it never reaches back
-    past the previous cut."""
+    past the previous cut (0 when the item is carried: there is no cut)."""
+    if carries(cfg):
+        return 0
     return max(0, min(int(cfg.lead_in_frames), int(round(cfg.min_segment_s * FPS)) - 1))
+
+
+def crossfade(cfg: DubConfig) -> int:
+    """Frames each segment but the last runs past its cut (0 when carried)."""
+    return 0 if carries(cfg) else int(cfg.crossfade_frames)
 
 
 def segment_bounds(audio: np.ndarray, cfg: DubConfig) -> list[tuple[int, int]]:
     """The `(start, end)` frame ranges `segment_item` cuts `audio` [S] into
     (before the cross-fade tails and lead-ins): every segment, with both,
-    is at most `max_segment_s` long."""
+    is at most `max_segment_s` long; one range for a carried item."""
     n = n_video_frames(len(audio))
+    if carries(cfg):
+        return [(0, n)]
     return plan_segments(frame_energy(audio, n), int(round(cfg.max_segment_s * FPS)),
-                         int(round(cfg.min_segment_s * FPS)), cfg.crossfade_frames + lead_in(cfg))
+                         int(round(cfg.min_segment_s * FPS)), crossfade(cfg) + lead_in(cfg))
 
 
 def segment_item(item_id: str, identity: np.ndarray, audio: np.ndarray, cfg: DubConfig,
                  seed: int = 0) -> list[Segment]:
     """Split an item's audio `[S]` (16 kHz) into `Segment`s at low-energy
-    points; segment i is seeded `segment_seed(seed, i)`."""
+    points (one segment when carried); segment i is seeded `segment_seed(seed, i)`."""
     n = n_video_frames(len(audio))
-    bounds = segment_bounds(audio, cfg)
-    padded = np.zeros((n + cfg.crossfade_frames) * SAMPLES_PER_FRAME + 2 * PAD_SAMPLES, np.float32)
+    bounds, tail = segment_bounds(audio, cfg), crossfade(cfg)
+    padded = np.zeros((n + tail) * SAMPLES_PER_FRAME + 2 * PAD_SAMPLES, np.float32)
     padded[PAD_SAMPLES: PAD_SAMPLES + min(len(audio), n * SAMPLES_PER_FRAME)] = \
         audio[: n * SAMPLES_PER_FRAME]
     segments = []
     for i, (s, e) in enumerate(bounds):
         lead = min(lead_in(cfg), s)
-        length = lead + e - s + (min(cfg.crossfade_frames, bounds[i + 1][1] - bounds[i + 1][0])
+        length = lead + e - s + (min(tail, bounds[i + 1][1] - bounds[i + 1][0])
                                  if i + 1 < len(bounds) else 0)
         lo = (s - lead) * SAMPLES_PER_FRAME
         hi = lo + length * SAMPLES_PER_FRAME + 2 * PAD_SAMPLES
@@ -229,6 +248,6 @@ def assemble(segments: list[Segment], frames: dict[int, np.ndarray]) -> tuple[np
 
 
 __all__ = ["SAMPLE_RATE", "FPS", "SAMPLES_PER_FRAME", "PAD_FRAMES", "Segment", "EMPTY_SEGMENT_ROW",
-           "lead_in", "segment_bounds",
+           "carries", "lead_in", "crossfade", "segment_bounds",
            "item_seed", "segment_seed", "n_video_frames", "frame_energy", "plan_segments", "segment_item", "item_audio",
            "stitch", "assemble"]

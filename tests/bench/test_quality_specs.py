@@ -18,7 +18,8 @@ def quality(bench_module):
 def test_modifiers_set_the_sampler_and_the_dubbing_overrides(quality):
     cfg, dub = quality.parse_sampler("trailing5+sigma0.15+stab1+eta0.5+rho0.9+xfade6+lead4")
     assert (cfg.kind, cfg.steps, cfg.eta, cfg.noise_correlation) == (SamplerKind.ddim, "trailing5", 0.5, 0.9)
-    assert dub == {"motion_noise": 0.15, "stabilize_every": 1, "crossfade_frames": 6, "lead_in_frames": 4}
+    assert dub == {"motion_noise": 0.15, "stabilize_every": 1, "crossfade_frames": 6, "lead_in_frames": 4,
+                   "joints": "crossfade"}
     made = DubConfig(**dub)                       # every override is a DubConfig field
     assert (made.motion_noise, made.stabilize_every, made.crossfade_frames, made.lead_in_frames) == \
         (0.15, 1, 6, 4)

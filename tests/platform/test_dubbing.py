@@ -46,7 +46,7 @@ def test_segments_cut_at_quiet_frames_and_respect_max_length():
 
 def test_segment_item_covers_audio_with_crossfade_tails(speech):
     audio = speech(20.0, seed=1)
-    cfg = DubConfig(max_segment_s=8.0, crossfade_frames=3, lead_in_frames=0)
+    cfg = DubConfig(max_segment_s=8.0, crossfade_frames=3, lead_in_frames=0, joints="crossfade")
     segs = segment_item("x", np.zeros((16, 16, 3), np.uint8), audio, cfg)
     assert len(segs) == 3 and segs[0].start == 0
     n = len(audio) // SAMPLES_PER_FRAME
@@ -61,7 +61,7 @@ def test_segment_item_covers_audio_with_crossfade_tails(speech):
 
 def test_lead_in_starts_later_segments_before_their_cut_and_assemble_drops_it(speech):
     audio = speech(20.0, seed=1)
-    cfg = DubConfig(max_segment_s=8.0, crossfade_frames=3, lead_in_frames=5)
+    cfg = DubConfig(max_segment_s=8.0, crossfade_frames=3, lead_in_frames=5, joints="crossfade")
     segs = segment_item("x", np.zeros((16, 16, 3), np.uint8), audio, cfg)
     cuts = [s for s, _ in segment_bounds(audio, cfg)]
     assert len(segs) == 3 and [s.lead for s in segs] == [0, 5, 5]
@@ -86,6 +86,46 @@ def test_lead_in_starts_later_segments_before_their_cut_and_assemble_drops_it(sp
     assert np.array_equal(track, fit_length(audio, n * SAMPLES_PER_FRAME))
 
 
+def test_a_carried_item_is_one_segment_with_no_lead_in_or_tail(speech):
+    audio = speech(20.0, seed=1)
+    segs = segment_item("x", np.zeros((16, 16, 3), np.uint8), audio, DubConfig(max_segment_s=8.0))
+    n = len(audio) // SAMPLES_PER_FRAME
+    assert [(s.start, s.n_frames, s.lead, s.count) for s in segs] == [(0, n, 0, 1)]
+    assert segment_bounds(audio, DubConfig()) == [(0, n)]
+    padded = np.concatenate([np.zeros(PAD_SAMPLES, np.float32), fit_length(audio, n * SAMPLES_PER_FRAME)])
+    assert np.array_equal(segs[0].audio[:n * SAMPLES_PER_FRAME], padded[:n * SAMPLES_PER_FRAME])
+    frames = np.random.default_rng(0).integers(0, 256, (n, 2, 2, 3), dtype=np.uint8)
+    video, track = assemble(segs, {0: frames})
+    assert np.array_equal(video, frames) and np.array_equal(track, fit_length(audio, n * SAMPLES_PER_FRAME))
+
+
+def test_a_carried_item_runs_in_one_slot_as_one_clip_of_the_frame_loop(checkpoint, speech, face_image):
+    """The engine generates a carried item like `generate()` generates one
+    clip (every frame's motion frames are the two generated before it), and
+    keeps its frames as uint8 in the slot."""
+    import torch
+
+    from dheads.model.checkpoint import load_checkpoint
+    from dheads.model.diffusion import GaussianDiffusion
+    from dheads.model.images import to_uint8, to_unit
+    from dheads.model.samplers import make_sampler
+    from dheads.model.video import generate
+
+    engine = build_engine(checkpoint, SamplerConfig(steps="ddim2"), DubConfig(batch_size=2, num_threads=1))
+    ident, audio = face_image(0, 16), speech(1.2, seed=2)
+    segs = segment_item("x", ident, audio, DubConfig(max_segment_s=0.4, min_segment_s=0.12), seed=3)
+    assert len(segs) == 1
+    frames = engine.run(segs)[segs[0].key]
+    assert frames.dtype == np.uint8 and frames.shape == (segs[0].n_frames, 16, 16, 3)
+    assert dict(engine.stats.batch_sizes) == {1: segs[0].n_frames * 2}     # one slot, every step
+    loaded = load_checkpoint(checkpoint)
+    sampler = make_sampler(GaussianDiffusion(loaded.diffusion_cfg), SamplerConfig(steps="ddim2"))
+    whole = generate(loaded.model, sampler, torch.from_numpy(to_unit(ident))[None],
+                     torch.from_numpy(fit_length(audio, segs[0].n_frames * SAMPLES_PER_FRAME))[None],
+                     segs[0].n_frames, seed=3)[0]
+    assert np.abs(to_uint8(whole).astype(int) - frames.astype(int)).max() <= 2
+
+
 def test_stitch_crossfades_linearly_at_joints():
     a = np.full((10, 2, 2, 3), 0, np.uint8)
     b = np.full((8, 2, 2, 3), 200, np.uint8)
@@ -97,7 +137,7 @@ def test_stitch_crossfades_linearly_at_joints():
 
 def test_continuous_batching_refills_slots_and_matches_single_runs(checkpoint, speech, face_image):
     engine = build_engine(checkpoint, SamplerConfig(steps="ddim2"), DubConfig(batch_size=2, num_threads=1))
-    cfg = DubConfig(max_segment_s=0.4, min_segment_s=0.12, crossfade_frames=1)
+    cfg = DubConfig(max_segment_s=0.4, min_segment_s=0.12, crossfade_frames=1, joints="crossfade")
     ident = face_image(0, 16)
     segs = segment_item("x", ident, speech(1.0, seed=2), cfg)          # several short segments
     assert len(segs) >= 3
@@ -117,7 +157,7 @@ def test_continuous_batching_refills_slots_and_matches_single_runs(checkpoint, s
 def test_segments_round_trip_through_rows_and_give_back_the_items_audio(speech):
     audio = speech(9.3, seed=4)
     ident = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
-    segs = segment_item("x", ident, audio, DubConfig(max_segment_s=3.0, min_segment_s=1.0), seed=5)
+    segs = segment_item("x", ident, audio, DubConfig(max_segment_s=3.0, min_segment_s=1.0, joints="crossfade"), seed=5)
     assert len(segs) >= 3
     back = [Segment.from_row(s.to_row()) for s in segs]
     for a, b in zip(segs, back):
@@ -162,7 +202,7 @@ def test_an_item_is_decoded_once_and_written_with_its_own_audio(tmp_path, speech
     dub_inputs.write_audio(tmp_path / "a.wav", audio)
     item = DubItem(item_id="i", identity=str(tmp_path / "id.png"), audio=str(tmp_path / "a.wav"),
                    output=str(tmp_path / "o" / "i.mp4"))
-    prepared = prepare_item(item, DubConfig(max_segment_s=1.0, min_segment_s=0.3), 16)
+    prepared = prepare_item(item, DubConfig(max_segment_s=1.0, min_segment_s=0.3, joints="crossfade"), 16)
     assert prepared.n_frames == 60 and len(prepared.segments) >= 2
     frames = {s.index: np.full((s.n_frames, 16, 16, 3), 100, np.uint8) for s in prepared.segments}
     seconds = finish_item(item.output, prepared.segments, frames)
@@ -189,7 +229,7 @@ def test_items_of_one_job_draw_their_own_seeds_and_motion(tmp_path, speech, face
     def seeds(item_id: str, job_seed: int) -> list[int]:
         item = DubItem(item_id=item_id, identity=str(tmp_path / "id.png"), audio=str(tmp_path / "a.wav"),
                        output=str(tmp_path / f"{item_id}.mp4"))
-        return [seg.seed for seg in prepare_item(item, DubConfig(max_segment_s=1.0, min_segment_s=0.3), 16,
+        return [seg.seed for seg in prepare_item(item, DubConfig(max_segment_s=1.0, min_segment_s=0.3, joints="crossfade"), 16,
                                                  seed=job_seed).segments]
 
     a, b = seeds("a", 0), seeds("b", 0)

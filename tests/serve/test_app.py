@@ -119,6 +119,8 @@ def service(ray_session, s3_server, tmp_path_factory, dub_inputs, free_port):
         "serve.poll_s=0.3", "serve.max_attempts=2", "serve.max_body_kb=64",
         "serve.max_items_per_job=8", "serve.max_audio_s=30", "serve.max_upload_mb=1",
         "dub.batch_size=8", "dub.num_threads=1", "dub.max_media_mb=4", "dub.max_segment_s=4", "dub.min_segment_s=1",
+        # segments spread over replicas and cancelled mid-item (a carried item is one segment)
+        "dub.joints=crossfade",
         "serve.autoscaling.min_replicas=1", "serve.autoscaling.max_replicas=2"])
     app.run(cfg)
     yield Service(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{upload_port}", cfg, bucket, inputs)
