@@ -251,6 +251,8 @@ def fused_attention_check(cfg: ModelConfig, device: torch.device) -> str:
 
 
 def free_port() -> int:
+    """bench/_dubbing.py's helper, written again: this file runs alone on the
+    device machine, which has no Ray, Hydra or PyAV to import `_dubbing` with."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -51,17 +51,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def free_port():
     """A function that returns a free TCP port of 127.0.0.1 (the one helper
-    for every test that starts a server)."""
-    return _free_port
+    for every test and benchmark that starts a server: `bench/_dubbing.py`)."""
+    return bench_file("_dubbing").free_port
 
 
 @pytest.fixture(scope="session")
@@ -91,7 +85,7 @@ def ray_session():
 @pytest.fixture(scope="session")
 def s3_server():
     """moto_server on a free port of 127.0.0.1; yields its endpoint URL."""
-    port = _free_port()
+    port = bench_file("_dubbing").free_port()
     exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
     proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
