@@ -48,7 +48,7 @@ test-fast: install
 	$(BIN)/python -m pytest tests -q -m "not slow" --durations=10
 
 demo: install
-	$(BIN)/python -m dheads.jobs.demo
+	$(BIN)/python scripts/demo.py
 
 bench: install
 	$(BIN)/python bench/model.py --threads 1

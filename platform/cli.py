@@ -80,8 +80,6 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [a for a in rest if a != "--cfg"]
     try:
         target = known[job].load()
-        if getattr(sys.modules.get(target.__module__), "RAW_ARGV", False):
-            return _exit_code(target(rest))
         cfg = compose(job, overrides)
         if show_cfg:
             from dheads.platform.config import to_yaml
