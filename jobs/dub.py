@@ -176,7 +176,7 @@ def run(cfg: DubJob) -> int:
     from tqdm import tqdm
 
     from dheads.model.checkpoint import CONFIG
-    from dheads.platform.checkpointing import fetch_model_checkpoint
+    from dheads.platform.modelfetch import fetch_model_checkpoint
     from dheads.platform.cluster import connect
     from dheads.platform.errors import UserError
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from dheads.model.config import DiffusionConfig, ModelConfig
 from dheads.platform import storage
-from dheads.platform.checkpointing import checkpoint_dir_name, download, latest_checkpoint, load_ema_model
+from dheads.platform.checkpointing import checkpoint_dir_name, latest_checkpoint, load_ema_model
 from dheads.platform.config import ExportJob, StorageConfig
 from dheads.platform.errors import UserError
 
@@ -46,7 +46,7 @@ def run(cfg: ExportJob) -> int:
         raise UserError(f"run={cfg.run}: no training checkpoint (step_*/) there; "
                         "pass the run folder <trainer.storage_path>/<trainer.name> of `dheads train`")
     with tempfile.TemporaryDirectory(prefix="dheads-dcp-") as tmp:
-        model, model_cfg, diffusion_cfg, step = load_ema_model(download(checkpoint, tmp, cfg.storage),
+        model, model_cfg, diffusion_cfg, step = load_ema_model(storage.download_dir(checkpoint, tmp, cfg.storage),
                                                               use_ema=cfg.weights == "ema")
     write_export(model, model_cfg, diffusion_cfg, cfg.out, cfg.storage)
     print(json.dumps({"checkpoint": checkpoint, "step": step, "weights": cfg.weights.value,

@@ -61,7 +61,7 @@ def build_app(cfg: ServeJob, tokens: dict[str, str] | None = None):
     """ServeJob -> a bound Serve application (ingress -> model)."""
     import dataclasses
 
-    from dheads.platform.checkpointing import fetch_model_checkpoint
+    from dheads.platform.modelfetch import fetch_model_checkpoint
     from dheads.serve.ingress import DubbingAPI
     from dheads.serve.model import MAX_CONCURRENT_BATCHES, DubbingModel
     from dheads.serve.security import UriPolicy, check_tenant_isolation

@@ -11,5 +11,5 @@ Read in this order:
   segment) and `finish_item` (stitch, H.264 + AAC, atomic write).
 - `engine`: `ContinuousBatcher`, the queue of segments over the model's
   `FrameLoop` (continuous batching), and `build_engine` (checkpoint ->
-  engine, through `platform.checkpointing.fetch_model_checkpoint`).
+  engine, through `platform.modelfetch.fetch_model_checkpoint`).
 """

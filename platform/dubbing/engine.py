@@ -151,7 +151,7 @@ def build_engine(checkpoint: str, sampler_cfg: Any, cfg: DubConfig,
     from dheads.model.checkpoint import load_checkpoint
     from dheads.model.diffusion import GaussianDiffusion
     from dheads.model.samplers import make_sampler
-    from dheads.platform.checkpointing import fetch_model_checkpoint
+    from dheads.platform.modelfetch import fetch_model_checkpoint
 
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)

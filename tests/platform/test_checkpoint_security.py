@@ -22,9 +22,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from dheads.model.checkpoint import CheckpointError
-from dheads.platform.checkpointing import (
-    JOB_FILE, Checkpointer, Progress, TrainingState, checkpoint_dir_name, dcp_load,
-    read_checkpoint_metadata)
+from dheads.platform.checkpointing import JOB_FILE, Checkpointer, Progress, TrainingState, checkpoint_dir_name
+from dheads.platform.safedcp import dcp_load, read_checkpoint_metadata
 
 STEP = 5
 
@@ -245,6 +244,6 @@ def test_metadata_built_to_blow_up_is_refused_before_unpickling(run_dir):
     with pytest.raises(CheckpointError, match="nested to blow up") as e:
         read_checkpoint_metadata(path.parent)
     _assert_one_clear_line(str(e.value), "checkpoint", "refusing to load it")
-    from dheads.platform.checkpointing import check_pickle_cost
+    from dheads.platform.safedcp import check_pickle_cost
 
     check_pickle_cost(pickle.dumps(list(range(1000))), "x")   # ordinary pickles pass

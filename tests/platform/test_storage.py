@@ -1,4 +1,7 @@
+import os
 from pathlib import Path
+
+import pytest
 
 from dheads.platform import storage
 
@@ -130,3 +133,20 @@ def test_local_writes_fsync_as_seen_by_the_kernel(tmp_path):
         tmp = re.search(r'"([^"]*_tmp\.[^"]*)"', calls[i]).group(1)
         assert any(c.startswith("fsync(") and f"<{tmp}>" in c for c in calls[:i]), calls
         assert any(c.startswith("fsync(") and f"<{d}>" in c for c in calls[i + 1:]), calls
+
+
+def test_a_folder_is_downloaded_whole_or_by_name_and_a_missing_file_fails_with_its_uri(s3_bucket, tmp_path):
+    bucket, cfg = s3_bucket
+    files = {"job.json": b"{}", ".metadata": b"m" * 3, "__0_0.distcp": os.urandom(3 << 20)}
+    for name, data in files.items():
+        storage.write_bytes(f"s3://{bucket}/run/step_1/{name}", data, cfg)
+    storage.write_bytes(f"s3://{bucket}/run/step_1/sub/x.bin", b"nested", cfg)
+    storage.write_bytes(f"s3://{bucket}/run/step_10/job.json", b"another step", cfg)
+    whole = storage.download_dir(f"s3://{bucket}/run/step_1", tmp_path / "whole", cfg)
+    got = {str(p.relative_to(whole)): p.read_bytes() for p in Path(whole).rglob("*") if p.is_file()}
+    assert got == {**files, "sub/x.bin": b"nested"}           # a prefix is a folder, not step_10 too
+    some = storage.download_dir(f"s3://{bucket}/run/step_1", tmp_path / "some", cfg, names=("job.json",))
+    assert [p.name for p in Path(some).iterdir()] == ["job.json"]
+    assert storage.download_dir(str(tmp_path / "whole"), tmp_path / "unused") == str(tmp_path / "whole")
+    with pytest.raises(storage.StorageError, match="step_1/model.safetensors"):
+        storage.download_dir(f"s3://{bucket}/run/step_1", tmp_path / "x", cfg, names=("model.safetensors",))
