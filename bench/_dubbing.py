@@ -16,10 +16,7 @@ import numpy as np
 
 from dheads.platform.config import DubConfig, StorageConfig
 from dheads.platform.dubbing.engine import ContinuousBatcher
-from dheads.platform.dubbing.items import (
-    DubItem, DubResult, ItemError, ItemStatus, finish_result, prepare_item, retry_transient,
-)
-from dheads.platform.storage import StorageError
+from dheads.platform.dubbing.items import DubItem, DubResult, finish_result, prepare_result
 
 
 def dub_items(engine: ContinuousBatcher, items: list[DubItem], cfg: DubConfig,
@@ -29,11 +26,11 @@ def dub_items(engine: ContinuousBatcher, items: list[DubItem], cfg: DubConfig,
     `failed` results."""
     prepared, results = [], {}
     for item in items:
-        try:
-            prepared.append(retry_transient(lambda: prepare_item(item, cfg, engine.image_size, storage_cfg, seed)))
-        except (ItemError, StorageError) as e:
-            results[item.item_id] = DubResult(item_id=item.item_id, status=ItemStatus.failed,
-                                              output=item.output, reason=str(e))
+        p = prepare_result(item, cfg, engine.image_size, storage_cfg, seed)
+        if isinstance(p, DubResult):
+            results[item.item_id] = p
+        else:
+            prepared.append(p)
     frames = engine.run(s for p in prepared for s in p.segments)
     for p in prepared:
         results[p.item.item_id] = finish_result(p.item.item_id, p.item.output, p.segments,

@@ -30,7 +30,7 @@ from dheads.platform import storage
 from dheads.platform.config import DubConfig, DubJob, StorageConfig
 from dheads.platform.dubbing.engine import build_engine
 from dheads.platform.dubbing.items import (
-    DubItem, DubResult, ItemError, ItemStatus, check_job_items, finish_result, prepare_item,
+    DubItem, DubResult, ItemError, ItemStatus, check_job_items, finish_result, prepare_result,
     retry_transient,
 )
 from dheads.platform.dubbing.segments import EMPTY_SEGMENT_ROW, Segment
@@ -79,11 +79,15 @@ def prepare_segments(batch: dict, cfg: DubConfig, output: str, base: str | None,
             if not cfg.overwrite and retry_transient(lambda: storage.exists(item.output, storage_cfg)):
                 rows.append(_item_row(item.item_id, item.output, SKIPPED, "output exists"))
                 continue
-            prepared = retry_transient(lambda: prepare_item(item, cfg, image_size, storage_cfg, seed))
+        except storage.StorageError as e:
+            rows.append(_item_row(item.item_id, item.output, FAILED, str(e)))
+            continue
+        prepared = prepare_result(item, cfg, image_size, storage_cfg, seed)
+        if isinstance(prepared, DubResult):
+            rows.append(_item_row(item.item_id, item.output, FAILED, prepared.reason))
+        else:
             rows.extend(_item_row(item.item_id, item.output, SEGMENT, segment=s)
                         for s in prepared.segments)
-        except (ItemError, storage.StorageError) as e:
-            rows.append(_item_row(item.item_id, item.output, FAILED, str(e)))
     return _columns(rows)
 
 

@@ -262,6 +262,16 @@ def finish_item(output: str, segments: list[Segment], frames: dict[int, np.ndarr
         return write_output(output, video, audio, storage_cfg)
 
 
+def prepare_result(item: DubItem, cfg: DubConfig, image_size: int,
+                   storage_cfg: StorageConfig | None = None, seed: int = 0) -> "PreparedItem | DubResult":
+    """`prepare_item` under the failure policy (a transient error tried again
+    in place): the prepared item, or its `failed` result with the reason."""
+    try:
+        return retry_transient(lambda: prepare_item(item, cfg, image_size, storage_cfg, seed))
+    except (ItemError, storage.StorageError) as e:
+        return DubResult(item_id=item.item_id, status=ItemStatus.failed, output=item.output, reason=str(e))
+
+
 def finish_result(item_id: str, output: str, segments: list[Segment], frames: dict[int, np.ndarray],
                   storage_cfg: StorageConfig | None = None, delay_s: float = 1.0) -> DubResult:
     """`finish_item` under the failure policy (a transient error tried again
@@ -274,5 +284,5 @@ def finish_result(item_id: str, output: str, segments: list[Segment], frames: di
 
 
 __all__ = ["ItemError", "ItemStatus", "FINAL_STATUSES", "DubItem", "DubResult", "PreparedItem",
-           "TRANSIENT_TRIES", "retry_transient", "check_job_items", "identity_frame_problem",
+           "TRANSIENT_TRIES", "retry_transient", "prepare_result", "check_job_items", "identity_frame_problem",
            "load_identity", "load_audio", "prepare_item", "write_output", "finish_item", "finish_result"]
