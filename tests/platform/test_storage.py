@@ -36,14 +36,17 @@ def test_s3_inputs_are_size_checked_and_streamed_in_flat_memory(s3_bucket, tmp_p
 
     bucket, cfg = s3_bucket
     big = tmp_path / "big.bin"
-    with open(big, "wb") as f:              # 300 MB, written without holding it
-        for _ in range(300):
+    # 128 MB, written without holding it: big enough that reading it whole
+    # would show in the peak RSS (the bound below is 48 MB), small enough for
+    # the S3 server to take quickly
+    with open(big, "wb") as f:
+        for _ in range(128):
             f.write(os.urandom(1 << 20))
     uri = f"s3://{bucket}/in/big.bin"
     storage.upload_file(big, uri, cfg)
-    assert storage.size(uri, cfg) == 300 << 20
-    with pytest.raises(storage.TooLarge, match="the file is 300 MB, over the limit of 100 MB"):
-        with storage.local_path(uri, cfg, max_bytes=100 << 20):
+    assert storage.size(uri, cfg) == 128 << 20
+    with pytest.raises(storage.TooLarge, match="the file is 128 MB, over the limit of 64 MB"):
+        with storage.local_path(uri, cfg, max_bytes=64 << 20):
             raise AssertionError("opened")
     # the whole object through local_path (and the upload above) in a fresh
     # process: peak RSS beside the same process reading a 1 MB object
@@ -60,8 +63,8 @@ def test_s3_inputs_are_size_checked_and_streamed_in_flat_memory(s3_bucket, tmp_p
         return json.loads(out.stdout)
 
     (n, rss), (_, base) = peak(uri), peak(f"s3://{bucket}/in/small.bin")
-    assert n == 300 << 20
-    assert rss - base < 100, (rss, base)    # MB, for a 300 MB object
+    assert n == 128 << 20
+    assert rss - base < 48, (rss, base)     # MB, for a 128 MB object
 
 
 # ---------------------------------------------------------------- durability
