@@ -150,10 +150,12 @@ def check_manifest(manifest, output: str, base: str | None) -> None:
 def read_manifest(uri: str, storage_cfg: StorageConfig, runtime_env: dict):
     import ray.data
 
+    from dheads.jobs import reader
+
     fs, path = storage.resolve(uri, storage_cfg)
     suffix = uri.lower().rsplit(".", 1)[-1]
     readers = {"jsonl": ray.data.read_json, "json": ray.data.read_json, "csv": ray.data.read_csv,
-               "parquet": ray.data.read_parquet}
+               "parquet": reader.read_parquet}
     if suffix not in readers:
         from dheads.platform.errors import UserError
 

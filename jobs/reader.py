@@ -48,6 +48,8 @@ adds a full `random_shuffle`, an all-to-all that materialises the epoch).
 """
 from __future__ import annotations
 
+import math
+import os
 import zlib
 
 import numpy as np
@@ -191,6 +193,38 @@ def clip_tuples(row: dict, context: int, count: int, seed: int, epoch: int = 0,
     return out
 
 
+# Ray Data (2.60) reads Parquet footers on a pool of actors provisioned for
+# every read, 32 of them (RAY_DATA_PARQUET_FOOTER_NUM_ACTORS) whatever the
+# number of files, and hands each actor batches of 10 footers. 32 new worker
+# processes to read the footers of 2 shards were most of a pass's start-up on
+# the 2-core machine: a 96-tuple pass over 2 shards took 15.5 s with 32 actors
+# and 4.2 s with one. The pool is sized to the files instead.
+FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+FOOTERS_PER_ACTOR = 10       # Ray's footer batch (RAY_DATA_PARQUET_FOOTER_BATCH_SIZE)
+MAX_FOOTER_ACTORS = 32       # Ray's default pool
+
+
+def footer_actors(n_files: int) -> int:
+    """Footer-reader actors for `n_files`: one per batch of footers, 1 to 32."""
+    return max(1, min(MAX_FOOTER_ACTORS, math.ceil(n_files / FOOTERS_PER_ACTOR)))
+
+
+def read_parquet(paths, **kwargs):
+    """`ray.data.read_parquet` with the footer-reader pool sized to the files
+    (`footer_actors`); a pool size set in the environment wins. Ray reads the
+    setting when the read is planned, here, not when it runs."""
+    import ray.data
+
+    if FOOTER_ACTORS_ENV in os.environ:
+        return ray.data.read_parquet(paths, **kwargs)
+    n_files = len(paths) if isinstance(paths, (list, tuple)) else 1
+    os.environ[FOOTER_ACTORS_ENV] = str(footer_actors(n_files))
+    try:
+        return ray.data.read_parquet(paths, **kwargs)
+    finally:
+        del os.environ[FOOTER_ACTORS_ENV]
+
+
 def training_dataset(shards_uri: str, model_cfg: ModelConfig, data_cfg: DataConfig,
                      storage_cfg: StorageConfig | None = None, epoch: int = 0,
                      global_shuffle: bool = False):
@@ -211,9 +245,8 @@ def training_dataset(shards_uri: str, model_cfg: ModelConfig, data_cfg: DataConf
     # data order to be a function of (seed, epoch); the per-epoch variation
     # comes from the epoch-seeded local shuffle in `iter_training_batches`.
     check_motion_columns(shards_uri, model_cfg, storage_cfg)
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=read_columns(model_cfg),
-                               shuffle=FileShuffleConfig(seed=data_cfg.seed,
-                                                         reseed_after_execution=False))
+    ds = read_parquet(paths, filesystem=fs, columns=read_columns(model_cfg),
+                      shuffle=FileShuffleConfig(seed=data_cfg.seed, reseed_after_execution=False))
     ds = ds.flat_map(clip_tuples, fn_kwargs=dict(context=model_cfg.audio.context,
                                                  count=data_cfg.frames_per_clip_epoch,
                                                  seed=data_cfg.seed, epoch=epoch,

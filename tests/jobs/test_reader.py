@@ -3,6 +3,7 @@ are the true previous frames in grayscale, audio windows are edge-padded."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 
 from dheads.jobs import preprocess as pp
 from dheads.jobs import shards as shard_format
-from dheads.jobs.reader import iter_training_batches, load_clip_rows, training_dataset
+from dheads.jobs.reader import FOOTER_ACTORS_ENV, iter_training_batches, load_clip_rows, training_dataset
 from dheads.model.audio import feature_shape
 from dheads.platform.config import compose
 
@@ -64,6 +65,25 @@ def test_tuples_are_true_frames_motion_and_audio_windows(shards):
         n += b
     assert n == 6 * 5
     assert batch["target"].min() >= -1 and batch["target"].max() <= 1
+
+
+def test_the_footer_reader_pool_is_sized_to_the_shards(shards, monkeypatch):
+    """Ray Data plans 32 footer-reader actors per Parquet read; two shards get one."""
+    out, cfg = shards
+    data = compose("train").data
+
+    def pool(ds) -> int:
+        op = ds._logical_plan.dag
+        while type(op).__name__ != "ListFiles":
+            op = op.input_dependencies[0]
+        return op.file_indexer._num_actors
+
+    monkeypatch.delenv(FOOTER_ACTORS_ENV, raising=False)
+    assert len(shard_format.shard_uris(out, cfg.storage)) == 2
+    assert pool(training_dataset(out, cfg.model, data)) == 1
+    assert FOOTER_ACTORS_ENV not in os.environ           # set only while the read is planned
+    monkeypatch.setenv(FOOTER_ACTORS_ENV, "5")            # the user's setting wins
+    assert pool(training_dataset(out, cfg.model, data)) == 5
 
 
 def test_first_frames_pad_motion_with_identity(shards):
