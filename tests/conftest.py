@@ -40,7 +40,7 @@ BENCHMARK = bench_file("_paths").find_benchmark() or _CANDIDATES[0].resolve()
 # runs everything). Paths relative to tests/; a file, or a folder with "/".
 SLOW = ("serve/", "infra/", "bench/test_smoke.py", "jobs/test_dub.py", "jobs/test_dub_bad_inputs.py",
         "jobs/test_preprocess_kill.py", "jobs/test_preprocess_bad_inputs.py", "jobs/test_train.py",
-        "jobs/test_train_gpu.py", "model/test_overfit.py", "platform/test_cluster.py", "test_layout.py")
+        "jobs/test_train_gpu.py", "model/test_overfit.py", "platform/test_cluster.py", "platform/test_submit.py", "test_layout.py")
 
 
 def pytest_collection_modifyitems(config, items):
