@@ -638,7 +638,8 @@ def test_two_runners_settle_every_item_through_store_faults_and_a_takeover(servi
             await asyncio.to_thread(down.join)
         done = await until(lambda: (j := store_b.load(job.job_id)).status.value in (
             "succeeded", "failed", "cancelled") and j, "the job to end")
-        await asyncio.sleep(3 * cfg.serve.poll_s)
+        # every item task the runners started has ended (a wait on that, not a fixed sleep)
+        await until(lambda: not (set(a.tasks) | set(b.tasks)), "the runners' item tasks to end", timeout=60.0)
         live = set(a.tasks) | set(b.tasks)
         await a.stop()
         await b.stop()
