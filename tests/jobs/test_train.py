@@ -2,12 +2,11 @@
 shards from `dheads preprocess`, checkpoints on local disk and on an S3
 endpoint (moto_server), exact resume, a worker killed mid-run, export.
 
-Four fits share one set of shards (6 benchmark clips at 32 px):
+Two runs share one set of shards (6 benchmark clips at 32 px):
   A  local, 8 steps, uninterrupted: loss goes down, CSV/PNG/samples/export;
-  B  s3://, stopped at step 4, then the same command again: steps 5..8
-     reproduce A's losses exactly;
-  C  local, rank 1 SIGKILLed after the step-2 checkpoint: the run completes,
-     resumed from a checkpoint.
+  B  s3://, stopped at step 4, then the same command again, whose rank 1 is
+     SIGKILLed after the step-6 checkpoint: Ray Train restarts the worker
+     group from it, and steps 1..8 reproduce A's losses exactly.
 """
 from __future__ import annotations
 
@@ -130,71 +129,64 @@ def test_exported_ema_weights_load_into_generate(run_a, tmp_path):
 # arithmetic is gloo's sum of two ranks' values, a + b, which is exact and
 # order-free (floating-point addition is commutative). The resumed and the
 # uninterrupted run therefore execute the same operations on the same bits.
-def test_stop_and_restart_on_s3_reproduces_the_next_step_loss(run_a, tiny_shards, s3_bucket):
+def test_a_stopped_run_on_s3_resumes_and_a_killed_worker_restarts_with_the_same_losses(
+        run_a, tiny_shards, s3_bucket):
+    """One run on S3, interrupted both ways (one Ray Train start-up fewer than
+    two runs): stopped at step 4, then the same command again, whose rank 1 is
+    SIGKILLed once Ray Train has registered the step-6 checkpoint. The losses
+    of steps 1..8 are the uninterrupted run's."""
     from dheads.jobs import train
     from dheads.platform import storage
 
     bucket, storage_cfg = s3_bucket
     root = f"s3://{bucket}/runs"
+    run = f"{root}/b"
     extra = f"storage.endpoint_url={storage_cfg.endpoint_url}"
     assert train.run(train_job(tiny_shards, root, "b", extra, "trainer.stop_at_step=4")) == 0
-    assert storage.exists(f"{root}/b/step_00000004/.metadata", storage_cfg)
-    assert train.run(train_job(tiny_shards, root, "b", extra)) == 0  # the same command again
+    assert storage.exists(f"{run}/step_00000004/.metadata", storage_cfg)
 
-    resumed = read_csv(storage.read_bytes(f"{root}/b/metrics.csv", storage_cfg).decode())
+    def read_json(name: str) -> dict | None:
+        try:
+            return json.loads(storage.read_bytes(f"{run}/{name}", storage_cfg))
+        except Exception:  # noqa: BLE001 - not written yet, or being replaced
+            return None
+
+    seen: dict = {}
+
+    def kill_rank1_after_the_step_6_checkpoint():
+        deadline = time.time() + 300
+        while time.time() < deadline and "killed" not in seen:
+            snapshot = read_json("checkpoint_manager_snapshot.json") or {}
+            latest = (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+            rank1 = read_json("workers/rank1.json")
+            if latest == "step_00000006" and rank1 and rank1["start_step"] == 4:
+                seen["resumed_from"] = rank1["start_step"]     # the second command's start
+                os.kill(rank1["pid"], signal.SIGKILL)
+                seen["killed"] = rank1["pid"]
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_rank1_after_the_step_6_checkpoint, daemon=True)
+    killer.start()
+    assert train.run(train_job(tiny_shards, root, "b", extra)) == 0  # the same command again
+    killer.join(timeout=1)
+    assert "killed" in seen, "rank 1 was never killed"
+    assert seen["resumed_from"] == 4                        # the stopped run resumed, not restarted
+    restarted = read_json("workers/rank1.json")
+    assert restarted["pid"] != seen["killed"] and restarted["start_step"] >= 6  # from a checkpoint
+
+    resumed = read_csv(storage.read_bytes(f"{run}/metrics.csv", storage_cfg).decode())
     reference = read_csv((run_a / "metrics.csv").read_text())
     assert [int(r["step"]) for r in resumed] == list(range(1, STEPS + 1))
     for key in ("loss", "loss_simple", "loss_vlb", "loss_ls", "grad_norm"):
         assert [r[key] for r in resumed] == [r[key] for r in reference], key
-    start = json.loads(storage.read_bytes(f"{root}/b/workers/rank0.json", storage_cfg))
-    assert start["start_step"] == 4
-    assert storage.exists(f"{root}/b/export/model.safetensors", storage_cfg)
+    assert storage.exists(f"{run}/export/model.safetensors", storage_cfg)
 
     # `dheads export` reads the DCP shards back from S3 and writes to S3
     from dheads.model.checkpoint import load_checkpoint
     from dheads.platform.cli import main
 
-    assert main(["export", f"run={root}/b", f"out={root}/b/export-cli", extra]) == 0
+    assert main(["export", f"run={run}", f"out={run}/export-cli", extra]) == 0
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("model.safetensors", "config.json"):
-            Path(tmp, name).write_bytes(storage.read_bytes(f"{root}/b/export-cli/{name}", storage_cfg))
+            Path(tmp, name).write_bytes(storage.read_bytes(f"{run}/export-cli/{name}", storage_cfg))
         assert load_checkpoint(tmp).model_cfg.image_size == 32
-
-
-def test_killed_worker_resumes_from_the_last_checkpoint(run_a, tiny_shards, tmp_path):
-    from dheads.jobs import train
-
-    run = tmp_path / "c"
-    killed: list[int] = []
-
-    def checkpoint_registered() -> bool:
-        # Ray Train's own record: the checkpoint is complete on every rank
-        try:
-            snapshot = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
-        except (OSError, ValueError):
-            return False
-        return bool(snapshot.get("latest_checkpoint_result"))
-
-    def kill_rank1_after_first_checkpoint():
-        deadline = time.time() + 240
-        while time.time() < deadline and not killed:
-            pid_file = run / "workers" / "rank1.json"
-            if checkpoint_registered() and pid_file.exists():
-                pid = json.loads(pid_file.read_text())["pid"]
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-            time.sleep(0.05)
-
-    killer = threading.Thread(target=kill_rank1_after_first_checkpoint, daemon=True)
-    killer.start()
-    assert train.run(train_job(tiny_shards, str(tmp_path), "c")) == 0
-    killer.join(timeout=1)
-    assert killed, "rank 1 was never killed"
-    restarted = json.loads((run / "workers" / "rank1.json").read_text())
-    assert restarted["pid"] != killed[0]
-    assert restarted["start_step"] >= 2  # resumed from a checkpoint, not from scratch
-    rows = read_csv((run / "metrics.csv").read_text())
-    assert [int(r["step"]) for r in rows] == list(range(1, STEPS + 1))
-    # the resumed run is the same run: its losses equal the uninterrupted one's
-    reference = read_csv((run_a / "metrics.csv").read_text())
-    assert [r["loss"] for r in rows] == [r["loss"] for r in reference]
