@@ -72,14 +72,11 @@ def preprocess(args, work: Path) -> str:
     return str(out)
 
 
-def plain_loop(args, job, shards: str) -> dict:
-    """The job's train_step in this process, no Ray Train, no FSDP."""
+def plain_batches(args, job, shards: str) -> list:
+    """8 batches of the job's tuples in memory, read once for every plain loop
+    (a Ray Data pass costs more start-up than the steps it feeds)."""
     from dheads.jobs.reader import TENSOR_COLUMNS, iter_training_batches, training_dataset
-    from dheads.jobs.training.ema import EMA
-    from dheads.jobs.training.loop import step_generator, to_model_batch, train_step
-    from dheads.jobs.training.schedule import learning_rate
-    from dheads.model.diffusion import GaussianDiffusion
-    from dheads.model.unet import DiffusedHeads
+    from dheads.jobs.training.loop import to_model_batch
 
     device = torch.device("cuda" if args.gpu else "cpu")
     ds = training_dataset(shards, job.model, job.data).select_columns(list(TENSOR_COLUMNS))
@@ -88,6 +85,18 @@ def plain_loop(args, job, shards: str) -> dict:
         batches.append(to_model_batch(b, device))
         if len(batches) == 8:
             break
+    return batches
+
+
+def plain_loop(args, job, batches: list) -> dict:
+    """The job's train_step in this process on `batches`, no Ray Train, no FSDP."""
+    from dheads.jobs.training.ema import EMA
+    from dheads.jobs.training.loop import step_generator, train_step
+    from dheads.jobs.training.schedule import learning_rate
+    from dheads.model.diffusion import GaussianDiffusion
+    from dheads.model.unet import DiffusedHeads
+
+    device = torch.device("cuda" if args.gpu else "cpu")
     threads = torch.get_num_threads()
     if not args.gpu:
         torch.set_num_threads(args.cpus_per_worker)
@@ -173,9 +182,10 @@ def main() -> None:
         flops_per_sample = 3 * count_flops(job.model, 1)
         # plain before and after the Ray runs: on a shared machine the load
         # drifts, and the ratio should not depend on which ran first
-        before = plain_loop(args, job, shards)
+        batches = plain_batches(args, job, shards)
+        before = plain_loop(args, job, batches)
         one = fsdp_run(args, shards, work, 1)
-        after = plain_loop(args, job, shards)
+        after = plain_loop(args, job, batches)
         two = fsdp_run(args, shards, work, 2) \
             if not args.smoke and (not args.gpu or torch.cuda.device_count() > 1) else None
         plain = {"step_s": (before["step_s"] + after["step_s"]) / 2}
