@@ -2,7 +2,9 @@
 beside the work tree, else the workplace's /work/shared/benchmark."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,3 +27,14 @@ def benchmark_dir() -> Path:
         raise SystemExit(f"benchmark set not found (tried {', '.join(map(str, candidates()))}); "
                          "set DHEADS_BENCHMARK")
     return found
+
+
+def copy_clips(split: Path, dest: Path, n: int) -> list[dict]:
+    """The first `n` clips of a benchmark split (its manifest's order), their
+    mp4 and ground-truth JSON copied into `dest`; returns their manifest rows."""
+    rows = [json.loads(x) for x in (split / "manifest.jsonl").read_text().splitlines()][:n]
+    dest.mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        for name in (row["video"], row["meta"]):
+            shutil.copy(split / name, dest / name)
+    return rows

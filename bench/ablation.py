@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -94,7 +93,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "runs" / "ablation"))
     ap.add_argument("--smoke", action="store_true", help="seconds, tiny inputs (the test suite)")
     args = ap.parse_args()
-    from _paths import benchmark_dir
+    from _paths import benchmark_dir, copy_clips
 
     bench = benchmark_dir()
     args.source = args.source or str(bench / "train")
@@ -104,11 +103,7 @@ def main() -> None:
     if args.smoke:
         out = Path(tempfile.mkdtemp(prefix="dheads-ablation-smoke-"))
         src = out / "source"
-        src.mkdir()
-        for line in (bench / "train" / "manifest.jsonl").read_text().splitlines()[:2]:
-            stem = json.loads(line)["video"].rsplit(".", 1)[0]
-            for ext in (".mp4", ".json"):
-                shutil.copy(bench / "train" / f"{stem}{ext}", src / f"{stem}{ext}")
+        copy_clips(bench / "train", src, 2)
         args.source, args.shards = str(src), str(out / "shards")
         args.steps, args.batch, args.warmup, args.clips, args.seconds = 2, 2, 0, 2, 0.4
         arms = ["paper"]

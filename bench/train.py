@@ -56,16 +56,10 @@ def overrides(args, shards: str, storage: str, name: str, workers: int) -> list[
 def preprocess(args, work: Path) -> str:
     from dheads.platform.cli import main
 
-    from _paths import benchmark_dir
+    from _paths import benchmark_dir, copy_clips
 
-    benchmark = benchmark_dir()
     src = work / "clips"
-    src.mkdir()
-    lines = (benchmark / "train" / "manifest.jsonl").read_text().splitlines()[:args.clips]
-    for line in lines:
-        stem = json.loads(line)["video"].rsplit(".", 1)[0]
-        for ext in (".mp4", ".json"):
-            shutil.copy(benchmark / "train" / f"{stem}{ext}", src / f"{stem}{ext}")
+    copy_clips(benchmark_dir() / "train", src, args.clips)
     out = work / "shards"
     extra = [f"model.image_size={args.image_size}"] if args.image_size else []
     assert main(["preprocess", f"input={src}", f"output={out}", f"model={args.model}", *extra]) == 0

@@ -59,6 +59,13 @@ def free_port():
 
 
 @pytest.fixture(scope="session")
+def copy_clips():
+    """`copy_clips(split_dir, dest, n)`: the first n clips of a benchmark split
+    copied into dest, their manifest rows returned (`bench/_paths.py`)."""
+    return bench_file("_paths").copy_clips
+
+
+@pytest.fixture(scope="session")
 def ray_session():
     """A local Ray instance shared by the whole test session, started with
     retries: on a loaded host the raylet can miss Ray's fixed 30 s

@@ -35,14 +35,10 @@ def _errors(out, storage_cfg=None):
     return {storage.basename(r["source_uri"]): r for r in pq.read_table(path, filesystem=fs).to_pylist()}
 
 
-def test_benchmark_val_gives_one_row_per_clip(ray_session, benchmark_dir, tmp_path):
+def test_benchmark_val_gives_one_row_per_clip(ray_session, benchmark_dir, copy_clips, tmp_path):
     # 12 of the 40 val clips (the others are made the same way): 2 shards of up to 8
-    manifest = [json.loads(x) for x in (benchmark_dir / "val" / "manifest.jsonl").read_text().splitlines()][:12]
     src, out = tmp_path / "val", tmp_path / "shards"
-    src.mkdir()
-    for m in manifest:
-        for name in (m["video"], m["meta"]):
-            shutil.copy(benchmark_dir / "val" / name, src)
+    manifest = copy_clips(benchmark_dir / "val", src, 12)
     cfg = _cfg(src, out, "data.clips_per_shard=8")
     summary = pp.preprocess(cfg, progress=False)
     assert (summary.clips_in, summary.ok, summary.failed) == (12, 12, 0)

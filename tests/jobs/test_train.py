@@ -29,15 +29,12 @@ STEPS = 8
 
 
 @pytest.fixture(scope="module")
-def tiny_shards(ray_session, benchmark_dir, tmp_path_factory) -> str:
+def tiny_shards(ray_session, benchmark_dir, copy_clips, tmp_path_factory) -> str:
     """6 benchmark clips preprocessed once by the real `dheads preprocess` (32 px)."""
     from dheads.platform.cli import main
 
     src = tmp_path_factory.mktemp("clips")
-    for line in (benchmark_dir / "train" / "manifest.jsonl").read_text().splitlines()[:N_CLIPS]:
-        stem = json.loads(line)["video"].rsplit(".", 1)[0]
-        for ext in (".mp4", ".json"):
-            shutil.copy(benchmark_dir / "train" / f"{stem}{ext}", src / f"{stem}{ext}")
+    copy_clips(benchmark_dir / "train", src, N_CLIPS)
     out = tmp_path_factory.mktemp("shards")
     assert main(["preprocess", f"input={src}", f"output={out}", "model.image_size=32"]) == 0
     return str(out)
